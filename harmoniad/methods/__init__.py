@@ -1,0 +1,1 @@
+"""Registry of methods, as data: the CLI and the dashboard read ``METHODS``."""

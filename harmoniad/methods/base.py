@@ -1,0 +1,76 @@
+"""The contract every method (HarmoniAD, its ablations, baselines) fulfils for evaluation.
+
+One evaluation path serves all methods: ``fit`` once on the normal training samples of
+every chosen category (a method that wants one model per category groups them by
+``Sample.category`` itself), then ``predict`` the test samples of one category at a time.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from harmoniad.data import Sample
+from harmoniad.progress import ProgressFn, silent
+
+
+@dataclass
+class Prediction:
+    """Scores and maps for N test images, maps at the evaluation resolution.
+
+    ``high_maps``/``low_maps`` are the frequency-branch maps; methods without branches
+    leave them None.
+    """
+
+    scores: np.ndarray  # (N,) float32, higher = more anomalous
+    maps: np.ndarray  # (N, R, R) float32
+    high_maps: np.ndarray | None = None
+    low_maps: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.scores)
+        for name in ("maps", "high_maps", "low_maps"):
+            value = getattr(self, name)
+            if value is not None and (value.ndim != 3 or value.shape[0] != n):
+                raise ValueError(f"Prediction.{name} must be (N={n}, H, W), got {value.shape}")
+
+
+@dataclass
+class Context:
+    """What a method may use while fitting and predicting.
+
+    ``backbone`` is a ``harmoniad.backbone.BackboneConfig`` (None for methods that use no
+    backbone); methods obtain features through ``harmoniad.features.FeatureCache`` so that
+    all methods share the same cached features.
+    """
+
+    resolution: int = 256
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backbone: Any = None  # harmoniad.backbone.BackboneConfig | None
+    cache_root: Any = None  # pathlib.Path | None -> harmoniad.paths.cache_dir()
+    seed: int = 0
+    progress: ProgressFn = silent
+
+
+class Method(ABC):
+    """A detector that can be fitted on normal images and score test images."""
+
+    name: ClassVar[str]
+    #: True if the method reads CLIP backbone features (for provenance and the dashboard).
+    uses_backbone: ClassVar[bool] = True
+
+    @abstractmethod
+    def fit(self, train: list[Sample], ctx: Context) -> None:
+        """Learn from normal samples of all chosen categories (may be a no-op)."""
+
+    @abstractmethod
+    def predict(self, test: list[Sample], ctx: Context) -> Prediction:
+        """Score test samples (all of one category) into scores and maps."""
+
+    def config(self) -> dict[str, Any]:
+        """JSON-safe settings recorded with every run."""
+        return {}

@@ -1,0 +1,13 @@
+"""Where HarmoniAD keeps what it can reload: one place, overridable by environment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def cache_dir() -> Path:
+    """The cache root: ``$HARMONIAD_CACHE`` if set, else ``<repo>/cache``."""
+    return Path(os.environ.get("HARMONIAD_CACHE", REPO_ROOT / "cache")).expanduser()
