@@ -1,0 +1,1159 @@
+"""The results store: every evaluation run, reproducible and quick to reload.
+
+Layout under ``root`` (default ``cache_dir()/"runs"``)::
+
+    index.sqlite                         runs + per-category metrics (SQLite, WAL)
+    <run_id>/images/<category>-<tok>.parquet   per-image table of one category
+    <run_id>/maps/<category>-<tok>.maps        per-image maps + ground-truth mask
+
+Why this shape:
+
+- The index is SQLite in WAL mode with a busy timeout and one connection per call, so
+  the dashboard can read while runs are written from other threads or processes, and
+  two writers serialise on short ``BEGIN IMMEDIATE`` transactions instead of corrupting
+  each other. The schema version lives in ``PRAGMA user_version``.
+- Bulk data is written *before* the index row that points at it, each file atomically
+  (temp file + rename) under a fresh name; the index commit is the moment it becomes
+  visible. A process killed mid-way therefore leaves at worst unreferenced files, and a
+  run becomes ``complete`` only when :meth:`ResultStore.finish_run` commits.
+- A run left ``running`` by a process that died is detected (pid, its start time and
+  the host are recorded) and marked ``failed`` with an ``interrupted:`` error, so the
+  dashboard never shows zombies.
+- Maps are stored per category in one file of per-image zlib blobs with an offset
+  table, so loading one image's maps reads only that image (three small reads). Maps
+  keep float16 precision with a per-map power-of-two scale (exact, no overflow whatever
+  the value range), or, with ``map_precision="uint8"``, 8 bits over each map's own range
+  (about 2.4x smaller; enough to look at, not to recompute pixel metrics). Codes are
+  delta-coded losslessly before deflate. Masks are bit-packed.
+
+Units: every metric here is a fraction in [0, 1] (``harmoniad.published`` converts the
+published percentages to the same convention). Metric values that are undefined for a
+category (NaN) are stored as NULL and come back as NaN.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+import socket
+import sqlite3
+import struct
+import subprocess
+import zlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from harmoniad import __version__
+from harmoniad.atomic import atomic_path, atomic_write_bytes, atomic_write_text
+from harmoniad.paths import REPO_ROOT, cache_dir
+
+SCHEMA_VERSION = 1
+#: Run statuses. A run killed mid-way is ``failed`` with an error starting ``interrupted:``.
+RUN_STATUSES = ("running", "complete", "failed")
+CATEGORY_STATUSES = ("ok", "failed")
+#: Per-category metric columns (fractions in [0, 1]), DESIGN section 4.
+METRIC_COLUMNS = (
+    "image_auroc",
+    "image_ap",
+    "image_f1_max",
+    "pixel_auroc",
+    "pixel_ap",
+    "pixel_f1_max",
+    "pixel_aupro",
+)
+#: Leading columns of :meth:`ResultStore.load_images`; extra columns given by the caller follow.
+IMAGE_COLUMNS = ("index", "category", "image_path", "mask_path", "defect", "label", "score")
+MapPrecision = Literal["float16", "uint8"]
+
+_MAPS_FORMAT = 1
+_MAPS_MAGIC = b"HARMONIAD-MAPS\x00\x01"  # 16 bytes; its first 8 also end the file
+_FOOTER = "<QQ8s"  # offset-table position, meta length, magic
+_MAP_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_INTERRUPTED = "interrupted: "
+
+
+class StoreError(Exception):
+    """Base class of results-store errors."""
+
+
+class RunNotFound(StoreError, LookupError):
+    """No run with that id in the index."""
+
+
+class RunStateError(StoreError):
+    """The run is not in a state that allows this (e.g. writing to a finished run)."""
+
+
+class RunDataMissing(StoreError, FileNotFoundError):
+    """A run's bulk file (per-image table or maps) is missing or unreadable."""
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """One row of the run index, decoded."""
+
+    id: str
+    created: str
+    updated: str
+    finished: str | None
+    method: str
+    method_config: dict[str, Any]
+    dataset: str
+    root: str
+    categories: tuple[str, ...]
+    backbone: dict[str, Any] | None
+    random_weights: bool
+    resolution: int
+    code_version: str
+    request: dict[str, Any] | None
+    status: str
+    error: str | None
+    pid: int | None
+    hostname: str | None
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+    @property
+    def interrupted(self) -> bool:
+        """True if the run was found abandoned by a process that died."""
+        return self.status == "failed" and (self.error or "").startswith(_INTERRUPTED)
+
+
+_RUN_FIELDS = tuple(f.name for f in fields(RunInfo))
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    created TEXT NOT NULL,
+    updated TEXT NOT NULL,
+    finished TEXT,
+    method TEXT NOT NULL,
+    method_config TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    root TEXT NOT NULL,
+    categories TEXT NOT NULL,
+    backbone TEXT,
+    random_weights INTEGER NOT NULL,
+    resolution INTEGER NOT NULL,
+    code_version TEXT NOT NULL,
+    request TEXT,
+    status TEXT NOT NULL CHECK (status IN {RUN_STATUSES}),
+    error TEXT,
+    pid INTEGER,
+    pid_start TEXT,
+    hostname TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_method ON runs (method);
+CREATE INDEX IF NOT EXISTS runs_dataset ON runs (dataset);
+CREATE INDEX IF NOT EXISTS runs_created ON runs (created);
+CREATE TABLE IF NOT EXISTS category_metrics (
+    run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+    category TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN {CATEGORY_STATUSES}),
+    error TEXT,
+    {", ".join(f"{m} REAL" for m in METRIC_COLUMNS)},
+    n_images INTEGER,
+    seconds REAL,
+    index_start INTEGER,
+    images_file TEXT,
+    maps_file TEXT,
+    recorded TEXT NOT NULL,
+    PRIMARY KEY (run_id, category)
+);
+"""
+
+
+class ResultStore:
+    """Evaluation runs: an SQLite index plus per-run parquet tables and compressed maps.
+
+    Safe to share between threads (no connection is kept) and to use from several
+    processes at once.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        map_precision: MapPrecision = "float16",
+        timeout_s: float = 30.0,
+    ) -> None:
+        if map_precision not in ("float16", "uint8"):
+            raise ValueError(f"map_precision must be 'float16' or 'uint8', got {map_precision!r}")
+        self.root = Path(path) if path is not None else cache_dir() / "runs"
+        self.db_path = self.root / "index.sqlite"
+        self.map_precision: MapPrecision = map_precision
+        self.timeout_s = timeout_s
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._init_schema()
+
+    def __repr__(self) -> str:
+        return f"ResultStore({str(self.root)!r})"
+
+    # ------------------------------------------------------------------ connections
+    @contextlib.contextmanager
+    def _connect(self, write: bool = False) -> Iterator[sqlite3.Connection]:
+        """A fresh connection; with ``write`` the body runs in one IMMEDIATE transaction."""
+        con = sqlite3.connect(self.db_path, timeout=self.timeout_s, isolation_level=None)
+        try:
+            con.row_factory = sqlite3.Row
+            con.execute("PRAGMA foreign_keys = ON")
+            if write:
+                con.execute("BEGIN IMMEDIATE")
+            try:
+                yield con
+                if write:
+                    con.execute("COMMIT")
+            except BaseException:
+                if con.in_transaction:
+                    con.execute("ROLLBACK")
+                raise
+        finally:
+            con.close()
+
+    def _init_schema(self) -> None:
+        con = sqlite3.connect(self.db_path, timeout=self.timeout_s, isolation_level=None)
+        try:
+            if con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+                return  # ready (and already WAL, set before the schema): no write lock needed
+            mode = con.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"{self.db_path}: could not switch the index to WAL journal mode (got {mode!r})")
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                version = con.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise StoreError(
+                        f"{self.db_path}: index schema version {version} is newer than this "
+                        f"harmoniad reads ({SCHEMA_VERSION}); upgrade harmoniad or use another store path"
+                    )
+                if version < SCHEMA_VERSION:
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            con.execute(statement)
+                    con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                con.execute("COMMIT")
+            except BaseException:
+                if con.in_transaction:
+                    con.execute("ROLLBACK")
+                raise
+        finally:
+            con.close()
+
+    # ------------------------------------------------------------------ writing
+    def create_run(
+        self,
+        *,
+        method: str,
+        dataset: str,
+        root: str | os.PathLike[str],
+        categories: Sequence[str],
+        resolution: int,
+        method_config: Mapping[str, Any] | None = None,
+        backbone: Mapping[str, Any] | None = None,
+        random_weights: bool | None = None,
+        request: Mapping[str, Any] | None = None,
+        code_version: str | None = None,
+    ) -> str:
+        """Record a new ``running`` run and return its id.
+
+        ``backbone`` is the backbone's provenance (pretrained tag, weight-file hash or
+        random), None for methods without a backbone; ``random_weights`` defaults to what
+        the provenance says. ``request`` is the full evaluation request, for repeating it.
+        """
+        cats = [str(c) for c in categories]
+        if len(set(cats)) != len(cats):
+            raise ValueError(f"categories must be unique, got {cats}")
+        if not isinstance(resolution, int) or isinstance(resolution, bool) or resolution <= 0:
+            raise ValueError(f"resolution must be a positive integer, got {resolution!r}")
+        if random_weights is None:
+            random_weights = _is_random(backbone)
+        now = _now()
+        pid = os.getpid()
+        row = {
+            "created": now,
+            "updated": now,
+            "finished": None,
+            "method": str(method),
+            "method_config": _json(dict(method_config or {}), "method_config"),
+            "dataset": str(dataset),
+            "root": str(root),
+            "categories": _json(cats, "categories"),
+            "backbone": None if backbone is None else _json(dict(backbone), "backbone"),
+            "random_weights": int(bool(random_weights)),
+            "resolution": resolution,
+            "code_version": code_version or detect_code_version(),
+            "request": None if request is None else _json(dict(request), "request"),
+            "status": "running",
+            "error": None,
+            "pid": pid,
+            "pid_start": _process_start(pid),
+            "hostname": socket.gethostname(),
+        }
+        for _ in range(5):
+            run_id = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+            try:
+                with self._connect(write=True) as con:
+                    cols = ["id", *row]
+                    con.execute(
+                        f"INSERT INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                        [run_id, *row.values()],
+                    )
+                return run_id
+            except sqlite3.IntegrityError:
+                continue  # id collision within the same second: draw another
+        raise StoreError(f"{self.db_path}: could not allocate a unique run id")
+
+    def add_category(
+        self,
+        run_id: str,
+        category: str,
+        *,
+        metrics: Mapping[str, Any],
+        images: pd.DataFrame,
+        maps: Mapping[str, np.ndarray] | None = None,
+        masks: np.ndarray | None = None,
+        seconds: float | None = None,
+    ) -> None:
+        """Store one category's metrics, per-image table and maps (replacing an earlier record).
+
+        ``metrics`` is flat (``image_auroc``, ..., ``pixel_aupro``) or nested
+        (``{"image": {"auroc": ...}, "pixel": {...}}``); missing metrics are NaN.
+        ``images`` has one row per test image with at least ``image_path``, ``label`` and
+        ``score`` (optional ``mask_path``, ``defect``, ``category``; other columns are kept).
+        ``maps`` are ``name -> (N, R, R)`` at the run's resolution (e.g. ``anomaly``,
+        ``high``, ``low``); ``masks`` is ``(N, R, R)`` bool ground truth.
+        """
+        info = self._require_running(run_id)
+        category = _check_category(info, category)
+        flat = _flatten_metrics(metrics)
+        table = _images_table(images, category)
+        n = len(table)
+        arrays = _check_maps(maps or {}, masks, n, info.resolution, where=f"run {run_id} category {category!r}")
+
+        run_dir = self.root / run_id
+        stem = f"{_safe_name(category)}-{secrets.token_hex(4)}"
+        images_rel = f"images/{stem}.parquet"
+        maps_rel = f"maps/{stem}.maps"
+        _write_parquet(table, run_dir / images_rel)
+        _write_maps(run_dir / maps_rel, n, info.resolution, arrays, masks, self.map_precision)
+
+        old_files: list[str] = []
+        try:
+            with self._connect(write=True) as con:
+                self._require_running(run_id, con)  # re-check inside the lock
+                old = con.execute(
+                    "SELECT images_file, maps_file FROM category_metrics WHERE run_id = ? AND category = ?",
+                    (run_id, category),
+                ).fetchone()
+                if old is not None:
+                    old_files = [f for f in (old["images_file"], old["maps_file"]) if f]
+                end = con.execute(
+                    "SELECT COALESCE(MAX(index_start + n_images), 0) FROM category_metrics "
+                    "WHERE run_id = ? AND status = 'ok' AND category != ?",
+                    (run_id, category),
+                ).fetchone()[0]
+                self._upsert_category(
+                    con,
+                    run_id,
+                    category,
+                    status="ok",
+                    error=None,
+                    metrics=flat,
+                    n_images=n,
+                    seconds=None if seconds is None else float(seconds),
+                    index_start=int(end),
+                    images_file=images_rel,
+                    maps_file=maps_rel,
+                )
+        except BaseException:
+            for rel in (images_rel, maps_rel):
+                with contextlib.suppress(FileNotFoundError):
+                    (run_dir / rel).unlink()
+            raise
+        for rel in old_files:
+            with contextlib.suppress(FileNotFoundError):
+                (run_dir / rel).unlink()
+
+    def fail_category(self, run_id: str, category: str, error: str, *, seconds: float | None = None) -> None:
+        """Record that one category failed (the run goes on with the others)."""
+        info = self._require_running(run_id)
+        category = _check_category(info, category)
+        old_files: list[str] = []
+        with self._connect(write=True) as con:
+            self._require_running(run_id, con)
+            old = con.execute(
+                "SELECT images_file, maps_file FROM category_metrics WHERE run_id = ? AND category = ?",
+                (run_id, category),
+            ).fetchone()
+            if old is not None:
+                old_files = [f for f in (old["images_file"], old["maps_file"]) if f]
+            self._upsert_category(
+                con,
+                run_id,
+                category,
+                status="failed",
+                error=str(error),
+                metrics={},
+                n_images=None,
+                seconds=None if seconds is None else float(seconds),
+                index_start=None,
+                images_file=None,
+                maps_file=None,
+            )
+        for rel in old_files:
+            with contextlib.suppress(FileNotFoundError):
+                (self.root / run_id / rel).unlink()
+
+    def finish_run(self, run_id: str) -> None:
+        """Mark the run ``complete``; every category must have been added or failed."""
+        with self._connect(write=True) as con:
+            info = self._require_running(run_id, con)
+            done = {r[0] for r in con.execute("SELECT category FROM category_metrics WHERE run_id = ?", (run_id,))}
+            missing = [c for c in info.categories if c not in done]
+            if missing:
+                raise RunStateError(
+                    f"run {run_id}: cannot finish, categories {missing} were neither added nor failed "
+                    "(record them, or call fail_run)"
+                )
+            now = _now()
+            con.execute(
+                "UPDATE runs SET status = 'complete', finished = ?, updated = ? WHERE id = ?",
+                (now, now, run_id),
+            )
+
+    def fail_run(self, run_id: str, error: str) -> None:
+        """Mark the run ``failed`` with ``error`` (categories already stored are kept)."""
+        with self._connect(write=True) as con:
+            self._require_running(run_id, con)
+            now = _now()
+            con.execute(
+                "UPDATE runs SET status = 'failed', error = ?, finished = ?, updated = ? WHERE id = ?",
+                (str(error), now, now, run_id),
+            )
+
+    def delete_run(self, run_id: str, *, force: bool = False) -> None:
+        """Remove a run from the index, then its files.
+
+        A run still being written by a live process is refused unless ``force``.
+        """
+        with self._connect(write=True) as con:
+            info = self._get(con, run_id)
+            if info.status == "running" and not force and not self._is_dead(con, run_id):
+                raise RunStateError(
+                    f"run {run_id} is still running (pid {info.pid} on {info.hostname}); "
+                    "pass force=True to delete it anyway"
+                )
+            con.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+        shutil.rmtree(self.root / run_id, ignore_errors=True)
+
+    # ------------------------------------------------------------------ reading
+    def get_run(self, run_id: str) -> RunInfo:
+        """The run's index row (a run whose writer died is reported interrupted)."""
+        with self._connect() as con:
+            info = self._get(con, run_id)
+            if info.status != "running" or not self._is_dead(con, run_id):
+                return info
+        self.reap_interrupted()
+        with self._connect() as con:
+            return self._get(con, run_id)
+
+    def list_runs(
+        self,
+        *,
+        method: str | Iterable[str] | None = None,
+        dataset: str | Iterable[str] | None = None,
+        status: str | Iterable[str] | None = None,
+        random_weights: bool | None = None,
+        limit: int | None = None,
+        check_stale: bool = True,
+    ) -> pd.DataFrame:
+        """Runs, newest first, as a DataFrame (RunInfo columns plus ``n_ok``/``n_failed`` categories).
+
+        With ``check_stale`` runs left ``running`` by a dead process on this host are first
+        marked failed (``interrupted: ...``).
+        """
+        if check_stale:
+            self.reap_interrupted()
+        where, params = [], []
+        for column, value in (("method", method), ("dataset", dataset), ("status", status)):
+            values = _as_list(value)
+            if values is not None:
+                if column == "status":
+                    bad = [v for v in values if v not in RUN_STATUSES]
+                    if bad:
+                        raise ValueError(f"unknown run status {bad}; expected some of {list(RUN_STATUSES)}")
+                where.append(f"r.{column} IN ({', '.join('?' * len(values))})")
+                params.extend(values)
+        if random_weights is not None:
+            where.append("r.random_weights = ?")
+            params.append(int(random_weights))
+        sql = (
+            f"SELECT {', '.join('r.' + f for f in _RUN_FIELDS)}, "
+            "COALESCE(SUM(c.status = 'ok'), 0) AS n_ok, COALESCE(SUM(c.status = 'failed'), 0) AS n_failed "
+            "FROM runs r LEFT JOIN category_metrics c ON c.run_id = r.id "
+            + (f"WHERE {' AND '.join(where)} " if where else "")
+            + "GROUP BY r.id ORDER BY r.created DESC, r.id DESC"
+        )
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(int(limit))
+        with self._connect() as con:
+            rows = con.execute(sql, params).fetchall()
+        records = []
+        for row in rows:
+            record = _decode_run(row).__dict__.copy()
+            record["n_ok"] = int(row["n_ok"])
+            record["n_failed"] = int(row["n_failed"])
+            records.append(record)
+        columns = [*_RUN_FIELDS, "n_ok", "n_failed"]
+        df = pd.DataFrame.from_records(records, columns=columns)
+        return df.astype({"random_weights": bool, "resolution": "int64", "n_ok": "int64", "n_failed": "int64"})
+
+    def load_metrics(self, run_id: str) -> pd.DataFrame:
+        """Per-category metrics of one run (fractions), in the run's category order.
+
+        Columns: ``kind`` ("measured"), ``run_id``, ``category``, ``status``, ``error``, the
+        :data:`METRIC_COLUMNS`, ``n_images``, ``seconds``. Categories not yet recorded are absent.
+        """
+        with self._connect() as con:
+            info = self._get(con, run_id)
+            rows = con.execute(
+                f"SELECT category, status, error, {', '.join(METRIC_COLUMNS)}, n_images, seconds "
+                "FROM category_metrics WHERE run_id = ?",
+                (run_id,),
+            ).fetchall()
+        return _metrics_frame(rows, {run_id: info})
+
+    def metrics_table(
+        self,
+        *,
+        method: str | Iterable[str] | None = None,
+        dataset: str | Iterable[str] | None = None,
+        status: str | Iterable[str] | None = "complete",
+    ) -> pd.DataFrame:
+        """Per-category metrics of many runs with their method/dataset/backbone, ``kind`` "measured"."""
+        runs = self.list_runs(method=method, dataset=dataset, status=status)
+        if runs.empty:
+            return _metrics_frame([], {}, with_run_columns=True)
+        ids = list(runs["id"])
+        infos: dict[str, RunInfo] = {}
+        rows: list[sqlite3.Row] = []
+        with self._connect() as con:
+            for chunk in _chunks(ids, 500):
+                for row in con.execute(f"SELECT * FROM runs WHERE id IN ({', '.join('?' * len(chunk))})", chunk):
+                    infos[row["id"]] = _decode_run(row)
+            for chunk in _chunks(ids, 500):
+                rows.extend(
+                    con.execute(
+                        f"SELECT run_id, category, status, error, {', '.join(METRIC_COLUMNS)}, n_images, seconds "
+                        f"FROM category_metrics WHERE run_id IN ({', '.join('?' * len(chunk))})",
+                        chunk,
+                    ).fetchall()
+                )
+        return _metrics_frame(rows, infos, with_run_columns=True)
+
+    def leaderboard(
+        self,
+        *,
+        method: str | Iterable[str] | None = None,
+        dataset: str | Iterable[str] | None = None,
+    ) -> pd.DataFrame:
+        """One row per complete run: the mean of each metric over its ``ok`` categories.
+
+        Columns match ``harmoniad.published.published_results()`` where they can (``kind``
+        "measured", ``method``, ``dataset``, ``backbone``, ``resolution``, metric columns),
+        plus ``run_id``, ``created``, ``random_weights``, ``n_categories``, ``n_failed``.
+        """
+        table = self.metrics_table(method=method, dataset=dataset, status="complete")
+        columns = [
+            "kind", "run_id", "created", "method", "dataset", "backbone", "random_weights",
+            "resolution", *METRIC_COLUMNS, "n_categories", "n_failed",
+        ]  # fmt: skip
+        if table.empty:
+            return pd.DataFrame(columns=columns)
+        keys = ["run_id", "created", "method", "dataset", "backbone", "random_weights", "resolution"]
+        ok = table[table["status"] == "ok"]
+        means = ok.groupby("run_id")[list(METRIC_COLUMNS)].mean()
+        counts = table.groupby("run_id")["status"].agg(
+            n_categories=lambda s: int((s == "ok").sum()), n_failed=lambda s: int((s == "failed").sum())
+        )
+        runs = table[keys].drop_duplicates("run_id").set_index("run_id")
+        out = runs.join(means).join(counts).reset_index()
+        out.insert(0, "kind", "measured")
+        return out[columns].sort_values("created", ascending=False, ignore_index=True)
+
+    def load_images(self, run_id: str) -> pd.DataFrame:
+        """Per-image table of a run (all ``ok`` categories so far), ordered by ``index``.
+
+        ``index`` is the image's number within the run, the key of :meth:`load_maps`.
+        """
+        with self._connect() as con:
+            self._get(con, run_id)
+            parts = con.execute(
+                "SELECT category, index_start, images_file FROM category_metrics "
+                "WHERE run_id = ? AND status = 'ok' ORDER BY index_start",
+                (run_id,),
+            ).fetchall()
+        tables = []
+        for part in parts:
+            path = self.root / run_id / part["images_file"]
+            try:
+                table = pq.read_table(path)
+            except FileNotFoundError as exc:
+                raise RunDataMissing(
+                    f"run {run_id}: per-image table of category {part['category']!r} is missing: {path} "
+                    "(run files deleted? delete the run or re-run it)"
+                ) from exc
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise RunDataMissing(f"run {run_id}: per-image table {path} is unreadable: {exc}") from exc
+            start = int(part["index_start"])
+            index = pa.array(np.arange(start, start + table.num_rows, dtype=np.int64))
+            tables.append(table.add_column(0, "index", index))
+        if not tables:
+            return _empty_images_frame()
+        combined = pa.concat_tables(tables, promote_options="permissive")
+        return combined.to_pandas()
+
+    def load_maps(self, run_id: str, image_index: int) -> dict[str, np.ndarray]:
+        """Maps of one image (``name -> (R, R) float32``) and its ``"mask"`` ((R, R) bool).
+
+        Only that image's bytes are read from the category's maps file.
+        """
+        image_index = int(image_index)
+        with self._connect() as con:
+            self._get(con, run_id)
+            part = con.execute(
+                "SELECT category, index_start, maps_file FROM category_metrics WHERE run_id = ? AND status = 'ok' "
+                "AND index_start <= ? AND ? < index_start + n_images",
+                (run_id, image_index, image_index),
+            ).fetchone()
+        if part is None:
+            raise IndexError(f"run {run_id}: no stored image with index {image_index}")
+        path = self.root / run_id / part["maps_file"]
+        return _read_maps(path, image_index - int(part["index_start"]), where=f"run {run_id}")
+
+    def export_csv(self, run_id: str, directory: str | os.PathLike[str]) -> list[Path]:
+        """Write ``<run_id>_metrics.csv`` (categories + a mean row), ``<run_id>_images.csv`` and
+        ``<run_id>_run.json`` into ``directory``; return their paths."""
+        out = Path(directory)
+        info = self.get_run(run_id)
+        metrics = self.load_metrics(run_id)
+        ok = metrics[metrics["status"] == "ok"]
+        mean = {c: None for c in metrics.columns}
+        mean.update(kind="measured", run_id=run_id, category="mean", status="mean")
+        mean.update({m: ok[m].mean() for m in METRIC_COLUMNS})
+        mean.update(n_images=int(ok["n_images"].sum()), seconds=float(metrics["seconds"].sum()))
+        with_mean = pd.concat([metrics, pd.DataFrame([mean], columns=metrics.columns)], ignore_index=True)
+        paths = [out / f"{run_id}_metrics.csv", out / f"{run_id}_images.csv", out / f"{run_id}_run.json"]
+        atomic_write_text(paths[0], with_mean.to_csv(index=False))
+        atomic_write_text(paths[1], self.load_images(run_id).to_csv(index=False))
+        atomic_write_text(paths[2], json.dumps(info.__dict__, indent=2, default=str) + "\n")
+        return paths
+
+    # ------------------------------------------------------------------ stale runs
+    def reap_interrupted(self) -> list[str]:
+        """Mark ``running`` runs whose writer process died (on this host) as failed; return their ids."""
+        host = socket.gethostname()
+        with self._connect() as con:
+            candidates = con.execute(
+                "SELECT id, pid, pid_start FROM runs WHERE status = 'running' AND hostname = ?", (host,)
+            ).fetchall()
+        dead = [r for r in candidates if not _process_alive(r["pid"], r["pid_start"])]
+        if not dead:
+            return []
+        reaped = []
+        try:
+            with self._connect(write=True) as con:
+                now = _now()
+                for r in dead:
+                    cur = con.execute(
+                        "UPDATE runs SET status = 'failed', error = ?, finished = ?, updated = ? "
+                        "WHERE id = ? AND status = 'running' AND pid = ?",
+                        (
+                            f"{_INTERRUPTED}process {r['pid']} on {host} ended before the run finished",
+                            *(now, now, r["id"], r["pid"]),
+                        ),
+                    )
+                    if cur.rowcount:
+                        reaped.append(r["id"])
+        except sqlite3.OperationalError:
+            return []  # read-only store: report runs as stored
+        return reaped
+
+    # ------------------------------------------------------------------ helpers
+    def _get(self, con: sqlite3.Connection, run_id: str) -> RunInfo:
+        row = con.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise RunNotFound(f"no run {run_id!r} in {self.db_path}")
+        return _decode_run(row)
+
+    def _require_running(self, run_id: str, con: sqlite3.Connection | None = None) -> RunInfo:
+        if con is None:
+            with self._connect() as fresh:
+                return self._require_running(run_id, fresh)
+        info = self._get(con, run_id)
+        if info.status != "running":
+            raise RunStateError(f"run {run_id} is {info.status}, not running; it can no longer be written")
+        return info
+
+    def _is_dead(self, con: sqlite3.Connection, run_id: str) -> bool:
+        row = con.execute("SELECT pid, pid_start, hostname FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return row["hostname"] == socket.gethostname() and not _process_alive(row["pid"], row["pid_start"])
+
+    @staticmethod
+    def _upsert_category(
+        con: sqlite3.Connection, run_id: str, category: str, *, metrics: dict[str, float], **values: Any
+    ) -> None:
+        row = {"run_id": run_id, "category": category, **values, "recorded": _now()}
+        row.update({m: metrics.get(m) for m in METRIC_COLUMNS})
+        cols = list(row)
+        con.execute(
+            f"INSERT OR REPLACE INTO category_metrics ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+            [row[c] for c in cols],
+        )
+        con.execute("UPDATE runs SET updated = ? WHERE id = ?", (row["recorded"], run_id))
+
+
+# ---------------------------------------------------------------------- module helpers
+def detect_code_version() -> str:
+    """``git:<commit>[-dirty]`` of the source checkout if there is one, else the package version."""
+    if (REPO_ROOT / ".git").exists():
+        try:
+            out = subprocess.run(
+                ["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty", "--abbrev=40"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout.strip()
+            if out:
+                return f"git:{out}"
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return f"harmoniad {__version__}"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _json(value: Any, what: str) -> str:
+    def default(obj: Any) -> Any:
+        if isinstance(obj, os.PathLike):
+            return os.fspath(obj)
+        if isinstance(obj, np.generic):
+            return obj.item()
+        if isinstance(obj, np.ndarray):
+            return obj.tolist()
+        if isinstance(obj, (set, frozenset)):
+            return sorted(obj)
+        raise TypeError(f"{what}: {type(obj).__name__} value {obj!r} is not JSON-serialisable")
+
+    try:
+        return json.dumps(value, default=default, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} must be JSON-serialisable: {exc}") from exc
+
+
+def _is_random(provenance: Mapping[str, Any] | None) -> bool:
+    """Whether a backbone provenance dict says the weights are random."""
+    if not provenance:
+        return False
+    for key in ("random_weights", "random"):
+        if provenance.get(key) is True:
+            return True
+    return any(str(provenance.get(key, "")).lower() == "random" for key in ("weights", "pretrained", "source", "kind"))
+
+
+def _decode_run(row: sqlite3.Row) -> RunInfo:
+    return RunInfo(
+        id=row["id"],
+        created=row["created"],
+        updated=row["updated"],
+        finished=row["finished"],
+        method=row["method"],
+        method_config=json.loads(row["method_config"]),
+        dataset=row["dataset"],
+        root=row["root"],
+        categories=tuple(json.loads(row["categories"])),
+        backbone=None if row["backbone"] is None else json.loads(row["backbone"]),
+        random_weights=bool(row["random_weights"]),
+        resolution=int(row["resolution"]),
+        code_version=row["code_version"],
+        request=None if row["request"] is None else json.loads(row["request"]),
+        status=row["status"],
+        error=row["error"],
+        pid=row["pid"],
+        hostname=row["hostname"],
+    )
+
+
+def _backbone_label(provenance: dict[str, Any] | None) -> str | None:
+    """A short human label for a provenance dict (``model (weights)``)."""
+    if provenance is None:
+        return None
+    model = provenance.get("model") or provenance.get("name")
+    weights = provenance.get("weights") or provenance.get("pretrained")
+    if weights == "file" and provenance.get("weights_sha256"):
+        weights = f"file sha256:{str(provenance['weights_sha256'])[:12]}"
+    if model and weights:
+        return f"{model} ({weights})"
+    return str(model or weights or json.dumps(provenance, sort_keys=True))
+
+
+def _metrics_frame(
+    rows: Sequence[sqlite3.Row], infos: Mapping[str, RunInfo], *, with_run_columns: bool = False
+) -> pd.DataFrame:
+    """Category rows -> DataFrame in each run's category order, floats for metrics."""
+    run_columns = ["method", "dataset", "backbone", "random_weights", "resolution", "created"]
+    if not with_run_columns:
+        run_columns = []
+    base = ["kind", "run_id", *run_columns, "category", "status", "error", *METRIC_COLUMNS, "n_images", "seconds"]
+    records = []
+    for row in rows:
+        run_id = row["run_id"] if "run_id" in row.keys() else next(iter(infos))
+        info = infos[run_id]
+        record = {"kind": "measured", "run_id": run_id, **{k: row[k] for k in row.keys() if k != "run_id"}}
+        if with_run_columns:
+            record.update(
+                method=info.method,
+                dataset=info.dataset,
+                backbone=_backbone_label(info.backbone),
+                random_weights=info.random_weights,
+                resolution=info.resolution,
+                created=info.created,
+            )
+        records.append(record)
+    df = pd.DataFrame.from_records(records, columns=base)
+    order = {(rid, c): i for rid, info in infos.items() for i, c in enumerate(info.categories)}
+    if len(df):
+        df = (
+            df.assign(_o=[order.get((r, c), 1 << 30) for r, c in zip(df["run_id"], df["category"])])
+            .sort_values(["_o"] if not with_run_columns else ["created", "run_id", "_o"], ascending=True, kind="stable")
+            .drop(columns="_o")
+            .reset_index(drop=True)
+        )
+    return df.astype({**{m: "float64" for m in METRIC_COLUMNS}, "seconds": "float64", "n_images": "Int64"})
+
+
+def _flatten_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    flat: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if key in ("image", "pixel") and isinstance(value, Mapping):
+            for sub, v in value.items():
+                flat[f"{key}_{sub}"] = v
+        else:
+            flat[key] = value
+    unknown = sorted(set(flat) - set(METRIC_COLUMNS))
+    if unknown:
+        raise ValueError(f"unknown metric name(s) {unknown}; expected some of {list(METRIC_COLUMNS)}")
+    out = {}
+    for key, value in flat.items():
+        if value is None:
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"metric {key} must be a number, got {value!r}") from exc
+        if not math.isnan(number) and not 0.0 <= number <= 1.0:
+            raise ValueError(f"metric {key} must be a fraction in [0, 1] (not percent), got {number}")
+        out[key] = None if math.isnan(number) else number
+    return out
+
+
+def _images_table(images: pd.DataFrame, category: str) -> pa.Table:
+    """Validate and normalise a category's per-image DataFrame into the stored schema."""
+    if not isinstance(images, pd.DataFrame):
+        raise TypeError(f"images must be a pandas DataFrame, got {type(images).__name__}")
+    missing = [c for c in ("image_path", "label", "score") if c not in images.columns]
+    if missing:
+        raise ValueError(f"images table lacks column(s) {missing}; it has {list(images.columns)}")
+    if "index" in images.columns:
+        raise ValueError("images table must not have an 'index' column: the store assigns it")
+    if "category" in images.columns:
+        others = sorted({str(c) for c in images["category"]} - {category})
+        if others:
+            raise ValueError(f"images table for category {category!r} has rows of other categories {others}")
+    n = len(images)
+
+    def strings(column: str, nullable: bool) -> pa.Array:
+        if column not in images.columns:
+            return pa.nulls(n, pa.string())
+        values = [None if _is_null(v) else _text(v) for v in images[column]]
+        if not nullable and any(v is None for v in values):
+            raise ValueError(f"images column {column!r} has missing values")
+        return pa.array(values, pa.string())
+
+    labels = images["label"].to_numpy()
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"images column 'label' must be 0/1, got values {sorted(set(labels.tolist()))[:10]}")
+    scores = images["score"].to_numpy(dtype=np.float64)
+    columns = {
+        "category": pa.array([category] * n, pa.string()),
+        "image_path": strings("image_path", nullable=False),
+        "mask_path": strings("mask_path", nullable=True),
+        "defect": strings("defect", nullable=True),
+        "label": pa.array(labels.astype(np.int8)),
+        "score": pa.array(scores),
+    }
+    extras = [c for c in images.columns if c not in columns]
+    table = pa.table(columns)
+    if extras:
+        extra_table = pa.Table.from_pandas(images[extras], preserve_index=False)
+        for name in extras:
+            table = table.append_column(str(name), extra_table.column(str(name)))
+    return table
+
+
+def _empty_images_frame() -> pd.DataFrame:
+    schema = pa.schema(
+        [
+            ("index", pa.int64()),
+            ("category", pa.string()),
+            ("image_path", pa.string()),
+            ("mask_path", pa.string()),
+            ("defect", pa.string()),
+            ("label", pa.int8()),
+            ("score", pa.float64()),
+        ]
+    )
+    return schema.empty_table().to_pandas()
+
+
+def _text(value: Any) -> str:
+    return os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+
+
+def _is_null(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA
+
+
+def _check_maps(
+    maps: Mapping[str, np.ndarray], masks: np.ndarray | None, n: int, resolution: int, where: str
+) -> dict[str, np.ndarray]:
+    arrays = {}
+    for name, value in maps.items():
+        if not isinstance(name, str) or not _MAP_NAME.match(name) or name == "mask":
+            raise ValueError(f"{where}: map name {name!r} must be lowercase [a-z0-9_] and not 'mask'")
+        arr = np.asarray(value)
+        if arr.shape != (n, resolution, resolution):
+            raise ValueError(f"{where}: map {name!r} has shape {arr.shape}, expected ({n}, {resolution}, {resolution})")
+        if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"{where}: map {name!r} must be numeric, got {arr.dtype}")
+        arrays[name] = arr
+    if masks is not None:
+        m = np.asarray(masks)
+        if m.shape != (n, resolution, resolution):
+            raise ValueError(f"{where}: masks have shape {m.shape}, expected ({n}, {resolution}, {resolution})")
+    return arrays
+
+
+def _write_parquet(table: pa.Table, path: Path) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+def _write_maps(
+    path: Path,
+    n: int,
+    resolution: int,
+    maps: Mapping[str, np.ndarray],
+    masks: np.ndarray | None,
+    precision: MapPrecision,
+) -> None:
+    """One maps file per category: a zlib blob per image, an offset table, a JSON header.
+
+    Layout: magic, blobs, ``n + 1`` little-endian int64 offsets, meta JSON, then a footer
+    (offset-table position, meta length, magic). Reading image ``i`` is three small reads
+    whatever the number of images. A blob holds, per map in ``meta["maps"]`` order, its
+    decoding parameters (two float64) and codes, then the packed mask; sizes are fixed.
+    """
+    stacks = list(maps.values())
+    shape = (resolution, resolution)
+    offsets = np.zeros(n + 1, dtype="<i8")
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(_MAPS_MAGIC)
+            offsets[0] = fh.tell()
+            for i in range(n):
+                parts = []
+                for stack in stacks:
+                    data, param = _encode_map(stack[i], precision)
+                    parts += [np.asarray(param, dtype="<f8").tobytes(), data]
+                if masks is not None:
+                    parts.append(np.packbits(np.asarray(masks[i], dtype=bool)).tobytes())
+                fh.write(zlib.compress(b"".join(parts), 1))
+                offsets[i + 1] = fh.tell()
+            table_at = fh.tell()
+            fh.write(offsets.tobytes())
+            meta = json.dumps(
+                {
+                    "format": _MAPS_FORMAT,
+                    "n": int(n),
+                    "shape": [int(x) for x in shape],
+                    "encoding": precision,
+                    "maps": list(maps),
+                    "has_mask": masks is not None,
+                }
+            ).encode()
+            fh.write(meta)
+            fh.write(struct.pack(_FOOTER, table_at, len(meta), _MAPS_MAGIC[:8]))
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def _encode_map(values: np.ndarray, precision: MapPrecision) -> tuple[bytes, tuple[float, float]]:
+    """Encode one (H, W) map; return its bytes and two decoding parameters.
+
+    The integer codes (float16 bit patterns or uint8 levels) are differenced along both
+    axes with wrap-around, which is exactly invertible and turns smooth maps into mostly
+    small numbers; for float16 the high and low bytes are then grouped (byte shuffle).
+    Both roughly halve the deflated size of a typical anomaly map.
+    """
+    m = np.asarray(values, dtype=np.float32)
+    finite = m[np.isfinite(m)]
+    if precision == "float16":
+        peak = float(np.abs(finite).max()) if finite.size else 0.0
+        exp = 0 if peak == 0.0 else -math.floor(math.log2(peak))  # peak * 2**exp in [1, 2): exact scaling
+        codes = np.ldexp(m, exp).astype(np.float16).view(np.uint16)
+        return _delta2d(codes).view(np.uint8).reshape(-1, 2).T.tobytes(), (exp, 0.0)
+    lo = float(finite.min()) if finite.size else 0.0
+    hi = float(finite.max()) if finite.size else 0.0
+    scaled = np.zeros_like(m) if hi == lo else (np.nan_to_num(m, nan=lo, posinf=hi, neginf=lo) - lo) / (hi - lo)
+    return _delta2d(np.round(scaled * 255).astype(np.uint8)).tobytes(), (lo, hi)
+
+
+def _decode_map(data: bytes, param: np.ndarray, encoding: str, shape: tuple[int, ...]) -> np.ndarray:
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if encoding == "float16":
+        codes = _undelta2d(raw.reshape(2, -1).T.copy().view(np.uint16).reshape(shape))
+        return np.ldexp(codes.view(np.float16).astype(np.float32), -int(param[0]))
+    lo, hi = float(param[0]), float(param[1])
+    levels = _undelta2d(raw.reshape(shape))
+    return (lo + levels.astype(np.float32) * np.float32((hi - lo) / 255.0)).astype(np.float32)
+
+
+def _delta2d(codes: np.ndarray) -> np.ndarray:
+    """Wrap-around differences along columns then rows (unsigned integer codes)."""
+    d = np.diff(codes, axis=1, prepend=np.zeros((codes.shape[0], 1), codes.dtype))
+    return np.diff(d, axis=0, prepend=np.zeros((1, codes.shape[1]), codes.dtype))
+
+
+def _undelta2d(d: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_delta2d` (cumulative sums wrap the same way)."""
+    return np.cumsum(np.cumsum(d, axis=0, dtype=d.dtype), axis=1, dtype=d.dtype)
+
+
+def _read_maps(path: Path, local: int, where: str) -> dict[str, np.ndarray]:
+    try:
+        with open(path, "rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            if size < len(_MAPS_MAGIC) + struct.calcsize(_FOOTER):
+                raise ValueError("file too short")
+            fh.seek(size - struct.calcsize(_FOOTER))
+            table_at, meta_len, magic = struct.unpack(_FOOTER, fh.read(struct.calcsize(_FOOTER)))
+            if magic != _MAPS_MAGIC[:8]:
+                raise ValueError("no maps footer (truncated or not a maps file)")
+            meta_at = size - struct.calcsize(_FOOTER) - meta_len
+            fh.seek(meta_at)
+            meta = json.loads(fh.read(meta_len))
+            if meta.get("format") != _MAPS_FORMAT:
+                raise ValueError(f"format {meta.get('format')}, expected {_MAPS_FORMAT}")
+            if not 0 <= local < meta["n"] or table_at + 8 * (meta["n"] + 1) != meta_at:
+                raise ValueError(f"image {local} not in a file of {meta['n']} images, or bad offset table")
+            fh.seek(table_at + 8 * local)
+            start, end = np.frombuffer(fh.read(16), dtype="<i8")
+            fh.seek(int(start))
+            blob = zlib.decompress(fh.read(int(end - start)))
+    except FileNotFoundError as exc:
+        raise RunDataMissing(
+            f"{where}: maps file {path} is missing (run files deleted? delete the run or re-run it)"
+        ) from exc
+    except (ValueError, KeyError, struct.error, zlib.error) as exc:
+        raise RunDataMissing(f"{where}: maps file {path} is corrupt or incomplete: {exc}") from exc
+    shape = tuple(meta["shape"])
+    pixels = int(np.prod(shape))
+    size = 2 * pixels if meta["encoding"] == "float16" else pixels
+    out, offset = {}, 0
+    for name in meta["maps"]:
+        param = np.frombuffer(blob, dtype="<f8", count=2, offset=offset)
+        offset += 16
+        out[name] = _decode_map(blob[offset : offset + size], param, meta["encoding"], shape)
+        offset += size
+    if meta["has_mask"]:
+        bits = np.frombuffer(blob, dtype=np.uint8, offset=offset)
+        out["mask"] = np.unpackbits(bits, count=pixels).reshape(shape).astype(bool)
+    return out
+
+
+def _check_category(info: RunInfo, category: str) -> str:
+    category = str(category)
+    if category not in info.categories:
+        raise ValueError(f"run {info.id}: category {category!r} is not one of its categories {list(info.categories)}")
+    return category
+
+
+def _safe_name(category: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", category)[:64] or "category"
+
+
+def _as_list(value: str | Iterable[str] | None) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    return [str(v) for v in value]
+
+
+def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of ``/proc/<pid>/stat`` after the command name (Linux), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time (Linux), to tell a live writer from a reused pid."""
+    stat = _proc_stat(pid)
+    return None if stat is None else stat[19]
+
+
+def _process_alive(pid: int | None, start: str | None) -> bool:
+    if pid is None:
+        return True  # unknown writer: never declare it dead
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    stat = _proc_stat(pid)
+    if stat is not None:
+        if stat[0] == "Z":
+            return False  # exited, not yet reaped by its parent
+        if start is not None and stat[19] != start:
+            return False  # pid reused by another process
+    return True
