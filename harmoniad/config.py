@@ -56,7 +56,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             try:
                 return _coerce(value, arg, where)
             except ConfigError as exc:
-                errors.append(str(exc))
+                if arg is not type(None):
+                    errors.append(str(exc))
+        if len(errors) == 1:  # ``X | None`` given a bad X: say what is wrong with it
+            raise ConfigError(errors[0])
         raise ConfigError(f"{where}: {value!r} matches none of {hint}")
     if hint is type(None):
         if value is None:

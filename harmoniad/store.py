@@ -60,7 +60,8 @@ from harmoniad import __version__
 from harmoniad.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 from harmoniad.paths import REPO_ROOT, cache_dir
 
-SCHEMA_VERSION = 1
+#: 2 added ``skipped_files``; a version-1 index is upgraded in place (tables are only added).
+SCHEMA_VERSION = 2
 #: Run statuses. A run killed mid-way is ``failed`` with an error starting ``interrupted:``.
 RUN_STATUSES = ("running", "complete", "failed")
 CATEGORY_STATUSES = ("ok", "failed")
@@ -174,6 +175,14 @@ CREATE TABLE IF NOT EXISTS category_metrics (
     maps_file TEXT,
     recorded TEXT NOT NULL,
     PRIMARY KEY (run_id, category)
+);
+CREATE TABLE IF NOT EXISTS skipped_files (
+    run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+    split TEXT NOT NULL,
+    category TEXT NOT NULL,
+    path TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (run_id, split, path)
 );
 """
 
@@ -328,6 +337,7 @@ class ResultStore:
         maps: Mapping[str, np.ndarray] | None = None,
         masks: np.ndarray | None = None,
         seconds: float | None = None,
+        skipped: Iterable[tuple[str, str]] = (),
     ) -> None:
         """Store one category's metrics, per-image table and maps (replacing an earlier record).
 
@@ -336,7 +346,8 @@ class ResultStore:
         ``images`` has one row per test image with at least ``image_path``, ``label`` and
         ``score`` (optional ``mask_path``, ``defect``, ``category``; other columns are kept).
         ``maps`` are ``name -> (N, R, R)`` at the run's resolution (e.g. ``anomaly``,
-        ``high``, ``low``); ``masks`` is ``(N, R, R)`` bool ground truth.
+        ``high``, ``low``); ``masks`` is ``(N, R, R)`` bool ground truth. ``skipped`` lists
+        the category's test files left out as unusable, as ``(path, reason)`` pairs.
         """
         info = self._require_running(run_id)
         category = _check_category(info, category)
@@ -380,6 +391,7 @@ class ResultStore:
                     images_file=images_rel,
                     maps_file=maps_rel,
                 )
+                self._replace_skipped(con, run_id, category, skipped)
         except BaseException:
             for rel in (images_rel, maps_rel):
                 with contextlib.suppress(FileNotFoundError):
@@ -389,8 +401,16 @@ class ResultStore:
             with contextlib.suppress(FileNotFoundError):
                 (run_dir / rel).unlink()
 
-    def fail_category(self, run_id: str, category: str, error: str, *, seconds: float | None = None) -> None:
-        """Record that one category failed (the run goes on with the others)."""
+    def fail_category(
+        self,
+        run_id: str,
+        category: str,
+        error: str,
+        *,
+        seconds: float | None = None,
+        skipped: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        """Record that one category failed (the run goes on with the others); ``skipped`` as in :meth:`add_category`."""
         info = self._require_running(run_id)
         category = _check_category(info, category)
         old_files: list[str] = []
@@ -415,9 +435,26 @@ class ResultStore:
                 images_file=None,
                 maps_file=None,
             )
+            self._replace_skipped(con, run_id, category, skipped)
         for rel in old_files:
             with contextlib.suppress(FileNotFoundError):
                 (self.root / run_id / rel).unlink()
+
+    def add_skipped(self, run_id: str, files: Iterable[tuple[str, str, str]], *, split: str = "train") -> None:
+        """Record files of ``split`` left out of the run as unusable: ``(category, path, reason)`` each.
+
+        For files outside one category's test set, typically the training images; a file
+        recorded again keeps its latest reason.
+        """
+        rows = [(run_id, str(split), str(c), str(p), str(r)) for c, p, r in files]
+        if not rows:
+            return
+        with self._connect(write=True) as con:
+            self._require_running(run_id, con)
+            con.executemany(
+                "INSERT OR REPLACE INTO skipped_files (run_id, split, category, path, reason) VALUES (?, ?, ?, ?, ?)",
+                rows,
+            )
 
     def finish_run(self, run_id: str) -> None:
         """Mark the run ``complete``; every category must have been added or failed."""
@@ -538,6 +575,41 @@ class ResultStore:
                 (run_id,),
             ).fetchall()
         return _metrics_frame(rows, {run_id: info})
+
+    def load_skipped(self, run_id: str) -> pd.DataFrame:
+        """Files left out of a run as unusable: columns ``split``, ``category``, ``path``, ``reason``."""
+        with self._connect() as con:
+            self._get(con, run_id)
+            rows = con.execute(
+                "SELECT split, category, path, reason FROM skipped_files WHERE run_id = ? "
+                "ORDER BY split DESC, category, path",
+                (run_id,),
+            ).fetchall()
+        return pd.DataFrame([tuple(r) for r in rows], columns=["split", "category", "path", "reason"])
+
+    def load_report(self, run_id: str) -> dict[str, Any]:
+        """What happened in a run, JSON-safe: status, error, per-category outcome, skipped files."""
+        info = self.get_run(run_id)
+        metrics = self.load_metrics(run_id)
+        skipped = self.load_skipped(run_id)
+        per_category: dict[str, dict[str, Any]] = {}
+        for category in info.categories:
+            row = metrics[metrics["category"] == category]
+            n_images = None if row.empty or pd.isna(row["n_images"].iloc[0]) else int(row["n_images"].iloc[0])
+            per_category[category] = {
+                "status": "pending" if row.empty else str(row["status"].iloc[0]),
+                "error": None if row.empty or pd.isna(row["error"].iloc[0]) else str(row["error"].iloc[0]),
+                "n_images": n_images,
+                "n_skipped": int(((skipped["split"] == "test") & (skipped["category"] == category)).sum()),
+            }
+        return {
+            "run_id": info.id,
+            "status": info.status,
+            "interrupted": info.interrupted,
+            "error": info.error,
+            "categories": per_category,
+            "skipped": skipped.to_dict("records"),
+        }
 
     def metrics_table(
         self,
@@ -714,6 +786,15 @@ class ResultStore:
     def _is_dead(self, con: sqlite3.Connection, run_id: str) -> bool:
         row = con.execute("SELECT pid, pid_start, hostname FROM runs WHERE id = ?", (run_id,)).fetchone()
         return row["hostname"] == socket.gethostname() and not _process_alive(row["pid"], row["pid_start"])
+
+    @staticmethod
+    def _replace_skipped(con: sqlite3.Connection, run_id: str, category: str, files: Iterable[tuple[str, str]]) -> None:
+        """The category's skipped test files become ``files`` (inside the caller's transaction)."""
+        con.execute("DELETE FROM skipped_files WHERE run_id = ? AND split = 'test' AND category = ?", (run_id, category))
+        con.executemany(
+            "INSERT OR REPLACE INTO skipped_files (run_id, split, category, path, reason) VALUES (?, 'test', ?, ?, ?)",
+            [(run_id, category, str(path), str(reason)) for path, reason in files],
+        )
 
     @staticmethod
     def _upsert_category(

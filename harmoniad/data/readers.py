@@ -47,11 +47,17 @@ def _is_hidden(path: Path) -> bool:
 
 
 def _images_in(directory: Path) -> list[Path]:
-    """Image files directly in ``directory``, by name; hidden and non-image files skipped."""
+    """Image files directly in ``directory``, by name; hidden and non-image files skipped.
+
+    A link named like an image that leads nowhere (dangling, or a loop) is kept, so that
+    reading it fails and it is reported, instead of vanishing from the dataset unnoticed.
+    """
     return sorted(
         p
         for p in directory.iterdir()
-        if p.is_file() and not _is_hidden(p) and p.suffix.lower() in IMAGE_EXTENSIONS
+        if (p.is_file() or (p.is_symlink() and not p.exists()))
+        and not _is_hidden(p)
+        and p.suffix.lower() in IMAGE_EXTENSIONS
     )
 
 
