@@ -1,0 +1,344 @@
+"""One evaluation path for every method: fit, score each category, compute metrics, store.
+
+``evaluate`` runs methods x dataset x categories. A failure in one category is recorded
+in the store and the others go on; a failure in fitting fails that method's run only.
+
+Under ``torchrun`` (:mod:`harmoniad.distributed`) every rank fits the method (HarmoniAD's
+training is itself data-parallel), each category's test images are split across ranks,
+the predictions are gathered on rank 0 in the original order, and only rank 0 computes
+metrics, writes the store and reports progress.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from harmoniad import distributed
+from harmoniad.backbone import TINY_BACKBONE, BackboneConfig, resolve_spec
+from harmoniad.config import to_dict
+from harmoniad.data import Sample, read_mask
+from harmoniad.methods import METHODS, build_method
+from harmoniad.methods.base import Context, Method, Prediction
+from harmoniad.metrics import image_metrics, pixel_metrics
+from harmoniad.progress import Cancelled, Progress, ProgressEvent, ProgressFn, print_progress, silent
+from harmoniad.screening import Screen, SkippedFile, load_categories
+from harmoniad.store import ResultStore
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """What to evaluate; recorded with every run so it can be repeated."""
+
+    dataset: str
+    root: str
+    methods: tuple[str, ...]
+    categories: tuple[str, ...] | None = None
+    backbone: BackboneConfig = field(default_factory=lambda: TINY_BACKBONE)
+    resolution: int = 256
+    seed: int = 0
+    device: str = "auto"
+    #: Per-method overrides, e.g. ``{"harmoniad": {"train": {"epochs": 5}}}``.
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def masks_at(samples: Sequence[Sample], resolution: int) -> np.ndarray:
+    """Ground-truth masks resized (nearest) to ``resolution``; zeros for normal images."""
+    out = np.zeros((len(samples), resolution, resolution), dtype=bool)
+    for i, sample in enumerate(samples):
+        if sample.mask_path is not None:
+            mask = Image.fromarray(read_mask(sample.mask_path))
+            out[i] = np.asarray(mask.resize((resolution, resolution), Image.NEAREST), dtype=bool)
+    return out
+
+
+def category_metrics(labels: np.ndarray, pred: Prediction, masks: np.ndarray) -> dict[str, float]:
+    """Image- and pixel-level metrics of one category (DESIGN section 4).
+
+    A metric that is undefined for this category (a test set with one label only, or no
+    anomalous pixel) is NaN, so a mean over categories skips it instead of inventing it.
+    """
+    metrics: dict[str, float] = {}
+    image_keys = ("auroc", "ap", "f1_max")
+    pixel_keys = ("auroc", "ap", "f1_max", "aupro")
+    if 0 < labels.sum() < len(labels):
+        metrics.update({f"image_{k}": float(v) for k, v in image_metrics(labels, pred.scores).items()})
+    else:
+        metrics.update({f"image_{k}": float("nan") for k in image_keys})
+    if masks.any() and not masks.all():
+        metrics.update({f"pixel_{k}": float(v) for k, v in pixel_metrics(masks, pred.maps).items()})
+    else:
+        metrics.update({f"pixel_{k}": float("nan") for k in pixel_keys})
+    return metrics
+
+
+def _images_table(samples: Sequence[Sample], scores: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "image_path": [str(s.image_path) for s in samples],
+            "mask_path": [None if s.mask_path is None else str(s.mask_path) for s in samples],
+            "category": [s.category for s in samples],
+            "defect": [s.defect for s in samples],
+            "label": np.array([s.label for s in samples], dtype=np.int8),
+            "score": np.asarray(scores, dtype=np.float32),
+        }
+    )
+
+
+def evaluate(
+    request: EvalRequest,
+    store: ResultStore | None = None,
+    progress: ProgressFn | None = None,
+) -> list[str]:
+    """Run every requested method and return the ids of the runs written to ``store``."""
+    unknown = [m for m in [*request.methods, *request.options] if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
+    for name in request.methods:  # refuse bad options before any work starts
+        build_method(name, request.options.get(name))
+    main = distributed.is_main()
+    # Under torchrun only rank 0 writes results and reports; the other ranks compute only.
+    store = (store or ResultStore()) if main else None
+    report = (progress or print_progress) if main else silent
+    cats = list(request.categories) if request.categories else None
+    # A malformed category is recorded as failed and the others go on; a bad file is left
+    # out and listed in the run (harmoniad.screening). Verdicts are shared by every method.
+    loaded = load_categories(request.dataset, request.root, cats)
+    train, test, categories = loaded.train, loaded.test, loaded.categories
+    screen = Screen(decode=distributed.active())  # ranks must agree up front: no retries
+    device = distributed.device(request.device)
+    if distributed.active():
+        _prefetch_features(request, screen.keep(train)[0], [build_method(n, request.options.get(n)) for n in request.methods], device, report)
+    outer = Progress("evaluate", len(request.methods) * (len(categories) + 1), report, min_interval_s=0)
+    run_ids = []
+    for name in request.methods:
+        method = build_method(name, request.options.get(name))
+        ctx = Context(
+            resolution=request.resolution,
+            device=device,
+            backbone=request.backbone if method.uses_backbone else None,
+            seed=request.seed,
+            progress=_nested(report, name),
+        )
+        if store is None:  # a non-main rank: its share of the work goes to rank 0's run
+            _run_method(method, ctx, "", None, train, test, categories, request.resolution, outer,
+                        screen=screen, broken=loaded.broken)
+            continue
+        run_id = store.create_run(
+            method=name,
+            method_config=method.config(),
+            dataset=request.dataset,
+            root=str(Path(request.root)),
+            categories=categories,
+            backbone=_provenance(request.backbone) if method.uses_backbone else None,
+            resolution=request.resolution,
+            request=to_dict(request),
+        )
+        run_ids.append(run_id)
+        try:
+            _run_method(method, ctx, run_id, store, train, test, categories, request.resolution, outer,
+                        screen=screen, broken=loaded.broken)
+        except BaseException as exc:
+            # Cancelled, KeyboardInterrupt or a bug: the run must never be left "running"
+            # by a live process (the dashboard's thread), and never shown complete.
+            reason = "cancelled" if isinstance(exc, (Cancelled, KeyboardInterrupt)) else f"{exc!r}"
+            store.fail_run(run_id, f"{reason}\n{traceback.format_exc()}")
+            raise
+    return distributed.broadcast_object(run_ids)
+
+
+def _run_method(
+    method: Method,
+    ctx: Context,
+    run_id: str,
+    store: ResultStore | None,
+    train: list[Sample],
+    test: list[Sample],
+    categories: list[str],
+    resolution: int,
+    outer: Progress,
+    *,
+    screen: Screen | None = None,
+    broken: Mapping[str, str] | None = None,
+) -> None:
+    """Fit once, then score and store each category; a failing category doesn't stop the rest.
+
+    Unusable files are left out (``screen``) and listed with the run; ``broken`` categories
+    (refused by the dataset reader) are recorded as failed with the reader's error.
+
+    ``store`` is None on the non-main ranks of a torchrun job: they fit and predict their
+    share, rank 0 records everything. Every rank takes the same branches (failures are
+    agreed on collectively), so none waits forever at a collective.
+    """
+    screen = screen or Screen()
+    broken = broken or {}
+    try:
+        error = None
+        try:
+            screen.run(lambda kept: method.fit(kept, ctx), train)
+        except Cancelled:
+            raise
+        except Exception as exc:  # noqa: BLE001 - agreed on below, then recorded
+            error = f"{exc!r}\n{traceback.format_exc()}"
+        error = _first_error(error)
+        if store is not None:
+            store.add_skipped(run_id, [(f.category, f.path, f.reason) for f in screen.skipped(train)], split="train")
+        if error is not None:
+            raise _FitFailed(error)
+    except _FitFailed as failed:  # recorded, the next method goes on
+        if store is not None:
+            store.fail_run(run_id, f"fit failed: {failed}")
+        outer.update(len(categories) + 1, method=method.name)
+        return
+    outer.update(method=method.name, step="fit")
+    for category in categories:
+        if category in broken:
+            if store is not None:
+                store.fail_category(run_id, category, broken[category])
+            outer.update(method=method.name, category=category)
+            continue
+        listed = [s for s in test if s.category == category]
+        t0 = time.perf_counter()
+
+        def score(kept: list[Sample]) -> tuple[Prediction | None, np.ndarray | None]:
+            pred = _predict(method, kept, ctx)
+            return pred, None if store is None else masks_at(kept, resolution)
+
+        try:
+            (pred, masks), samples = screen.run(score, listed)
+            if store is None:  # a non-main rank: its share was gathered to rank 0
+                continue
+            labels = np.array([s.label for s in samples])
+            maps = {"anomaly": pred.maps, "high": pred.high_maps, "low": pred.low_maps}
+            store.add_category(
+                run_id,
+                category,
+                metrics=category_metrics(labels, pred, masks),
+                images=_images_table(samples, pred.scores),
+                maps={k: v for k, v in maps.items() if v is not None},
+                masks=masks,
+                seconds=time.perf_counter() - t0,
+                skipped=_pairs(screen.skipped(listed)),
+            )
+        except Cancelled:
+            raise
+        except Exception as exc:  # noqa: BLE001 - recorded, the other categories go on
+            if store is not None:
+                store.fail_category(run_id, category, f"{exc!r}\n{traceback.format_exc()}",
+                                    skipped=_pairs(screen.skipped(listed)))
+        outer.update(method=method.name, category=category)
+    if store is not None:
+        store.finish_run(run_id)
+
+
+def _pairs(files: Sequence[SkippedFile]) -> list[tuple[str, str]]:
+    """``(path, reason)`` of skipped files, as the store records a category's."""
+    return [(f.path, f.reason) for f in files]
+
+
+class _FitFailed(Exception):
+    """A method's fit failed on some rank (the message is that rank's error and traceback)."""
+
+
+def _first_error(error: str | None) -> str | None:
+    """The first rank's error, agreed on by every rank (the error itself in one process)."""
+    if not distributed.active():
+        return error
+    reports = distributed.all_gather_object(error)
+    failed = [(r, e) for r, e in enumerate(reports) if e is not None]
+    if not failed:
+        return None
+    r, first = failed[0]
+    return first if r == distributed.rank() else f"on rank {r}: {first}"
+
+
+def _predict(method: Method, samples: list[Sample], ctx: Context) -> Prediction | None:
+    """``method.predict(samples)``; under torchrun each rank scores its shard and rank 0 gets all.
+
+    Returns the whole category's prediction in ``samples`` order on rank 0 and None on the
+    other ranks. If any rank fails, rank 0 raises (so the category is recorded as failed)
+    and the others return None.
+    """
+    if not distributed.active():
+        return method.predict(samples, ctx)
+    local = distributed.shard(samples)
+    part: Prediction | None = None
+    error: BaseException | None = None
+    try:
+        part = method.predict(local, ctx) if local else None
+    except Cancelled:
+        raise
+    except Exception as exc:  # noqa: BLE001 - handed to rank 0, which records it
+        error = exc
+    parts = distributed.gather_object((part, None if error is None else f"{error!r}"))
+    if parts is None:
+        return None
+    if error is not None:
+        raise error
+    failed = [(r, e) for r, (_, e) in enumerate(parts) if e is not None]
+    if failed:
+        raise distributed.DistributedError(f"predict failed on rank {failed[0][0]}: {failed[0][1]}")
+    return merge_predictions([p for p, _ in parts], len(samples))
+
+
+def merge_predictions(parts: Sequence[Prediction | None], n: int) -> Prediction:
+    """Per-rank predictions of :func:`harmoniad.distributed.shard` slices -> one, in the original order."""
+    world = len(parts)
+    present = [p for p in parts if p is not None]
+    if not present:
+        raise ValueError("merge_predictions: no rank returned a prediction")
+
+    def merge(name: str) -> np.ndarray | None:
+        if getattr(present[0], name) is None:
+            return None
+        first = getattr(present[0], name)
+        out = np.empty((n, *first.shape[1:]), dtype=first.dtype)
+        for r, part in enumerate(parts):
+            idx = distributed.shard_indices(n, rank_=r, world=world)
+            if part is None:
+                if idx:
+                    raise ValueError(f"merge_predictions: rank {r} returned nothing for its {len(idx)} images")
+                continue
+            out[idx] = getattr(part, name)
+        return out
+
+    return Prediction(scores=merge("scores"), maps=merge("maps"), high_maps=merge("high_maps"), low_maps=merge("low_maps"))
+
+
+def _prefetch_features(
+    request: EvalRequest, train: list[Sample], methods: list[Method], device: Any, report: ProgressFn
+) -> None:
+    """Under torchrun, extract the training images' features once, split across ranks.
+
+    Every rank fits every method on all training images; without this each rank would
+    extract the same missing features. Test images need no prefetch: they are split
+    across ranks already when predicted.
+    """
+    if not any(m.uses_backbone for m in methods):
+        return
+    from harmoniad.features import FeatureCache
+
+    cache = FeatureCache(request.backbone, device=device)
+    cache.ensure([s.image_path for s in train], _nested(report, "prefetch"), distributed=True)
+
+
+def _provenance(cfg: BackboneConfig) -> dict:
+    """Backbone provenance without building the model when the weights are random."""
+    return resolve_spec(cfg).provenance()
+
+
+def _nested(report: ProgressFn, method: str) -> ProgressFn:
+    """Prefix a method's own progress events with its name."""
+
+    def callback(event: ProgressEvent) -> None:
+        report(replace(event, task=f"{method}: {event.task}"))
+
+    return callback
