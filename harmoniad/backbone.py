@@ -425,24 +425,38 @@ class Backbone(nn.Module):
         return super().train(False)
 
     # -- images ------------------------------------------------------------------------------
-    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+    def preprocess(self, images: Sequence[np.ndarray] | torch.Tensor) -> torch.Tensor:
         """``H x W x 3`` uint8 RGB arrays -> normalized ``B x 3 x S x S`` float32 on the device.
 
         Each image is resized (bicubic, antialiased, no crop: maps must cover the whole image)
-        to ``image_size`` and normalized with the weights' own mean/std.
+        to ``image_size`` and normalized with the weights' own mean/std. A uint8
+        ``B x H x W x 3`` tensor (same-size images, e.g. a pinned batch from a DataLoader)
+        is accepted too and copied to the device asynchronously.
         """
         if len(images) == 0:
             raise ValueError("Backbone.preprocess: got no images")
-        for i, img in enumerate(images):
-            if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-                desc = f"{img.dtype} array of shape {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
-                raise ValueError(f"Backbone.preprocess: image {i} must be an H x W x 3 uint8 RGB array, got {desc}")
+        if isinstance(images, torch.Tensor):
+            if images.ndim != 4 or images.shape[3] != 3 or images.dtype != torch.uint8:
+                raise ValueError(
+                    f"Backbone.preprocess: a batch tensor must be B x H x W x 3 uint8, got {images.dtype} {tuple(images.shape)}"
+                )
+        else:
+            for i, img in enumerate(images):
+                if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+                    desc = f"{img.dtype} array of shape {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
+                    raise ValueError(f"Backbone.preprocess: image {i} must be an H x W x 3 uint8 RGB array, got {desc}")
         size = self.config.image_size
-        same = all(img.shape == images[0].shape for img in images)
-        groups = [list(images)] if same else [[img] for img in images]
+        if isinstance(images, torch.Tensor):
+            groups: list[Any] = [images]
+        else:
+            same = all(img.shape == images[0].shape for img in images)
+            groups = [list(images)] if same else [[img] for img in images]
         out = []
         for group in groups:
-            x = torch.from_numpy(np.stack([np.ascontiguousarray(img) for img in group]))
+            if isinstance(group, torch.Tensor):
+                x = group
+            else:
+                x = torch.from_numpy(np.stack([np.ascontiguousarray(img) for img in group]))
             x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
             if x.shape[-2:] != (size, size):
                 x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)

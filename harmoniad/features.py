@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,11 @@ from safetensors.torch import save as safetensors_save
 from harmoniad.atomic import atomic_write_bytes
 from harmoniad.backbone import Backbone, BackboneConfig, BackboneSpec, file_sha256, resolve_spec
 from harmoniad.data import read_image
+from harmoniad.distributed import active as distributed_active
+from harmoniad.distributed import all_reduce_sum, is_main, raise_if_any_failed, shard
+from harmoniad.fastpath import AdaptiveBatch, batch_len, decoded_batches, default_workers
 from harmoniad.paths import cache_dir
-from harmoniad.progress import Progress, ProgressFn
+from harmoniad.progress import Progress, ProgressFn, silent
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +70,11 @@ class FeatureCache:
         self.batch_size = batch_size
         self.device = device
         self.allow_download = allow_download
-        # Image decoding overlaps the forward pass; leave most cores to torch.
-        self.workers = workers or max(1, min(4, (os.cpu_count() or 2) // 2))
+        # Image decoding overlaps the forward pass: worker processes on CUDA, a few threads on
+        # the CPU (None: chosen for the backbone's device when it is built).
+        self.workers = workers
+        # Starts at batch_size and halves on CUDA out-of-memory (the smaller size then sticks).
+        self._chunks = AdaptiveBatch(batch_size)
         self._shapes = self.spec.feature_shapes
         self._digests: dict[tuple[str, int, int], str] = {}
 
@@ -115,14 +120,33 @@ class FeatureCache:
         return self._file(self._digest(Path(image_path)))
 
     # -- work --------------------------------------------------------------------------------
-    def ensure(self, paths: Sequence[PathLike], progress: ProgressFn | None = None) -> int:
+    def ensure(
+        self, paths: Sequence[PathLike], progress: ProgressFn | None = None, *, distributed: bool = False
+    ) -> int:
         """Extract the features of ``paths`` that are missing or damaged; returns how many.
 
         Cheap when everything is cached (file headers are checked, tensors are not read).
+
+        ``distributed=True`` makes this a collective call in a ``torchrun`` job: every rank
+        must call it with the same ``paths``; each extracts its shard of them (split by
+        image, before looking at the disk, so the split agrees on all ranks), then all wait
+        for each other, so every rank then finds the whole set on the (shared) cache
+        filesystem. The count returned is the total over ranks; only rank 0 reports
+        progress. If a rank fails, every rank raises. In a single process it is ignored.
         """
-        todo = [(d, p) for d, p in self._unique(paths).items() if not self._check(d, read=False)[0]]
-        self._extract(todo, progress, sink=None)
-        return len(todo)
+        unique = list(self._unique(paths).items())
+        if not (distributed and distributed_active()):
+            todo = [(d, p) for d, p in unique if not self._check(d, read=False)[0]]
+            self._extract(todo, progress, sink=None)
+            return len(todo)
+        todo = [(d, p) for d, p in shard(unique) if not self._check(d, read=False)[0]]
+        error: BaseException | None = None
+        try:
+            self._extract(todo, progress if is_main() else silent, sink=None)
+        except Exception as exc:  # noqa: BLE001 - reported to every rank below, then re-raised
+            error = exc
+        raise_if_any_failed(error, "feature extraction")  # also the barrier: every shard is on disk
+        return int(all_reduce_sum([len(todo)]).item())
 
     def load(self, paths: Sequence[PathLike], progress: ProgressFn | None = None) -> list[torch.Tensor]:
         """Per tapped block, a float32 ``N x C x h x w`` tensor of the images in ``paths`` order.
@@ -213,30 +237,42 @@ class FeatureCache:
         atomic_write_bytes(self._file(digest), data)
 
     def _extract(self, todo: list[tuple[str, Path]], progress: ProgressFn | None, sink: _Sink | None) -> None:
-        """Compute and store features batch by batch, reading the next batch's images meanwhile."""
+        """Compute and store features batch by batch while the next batches' images are decoded.
+
+        On CUDA, images are decoded by DataLoader worker processes into pinned memory and a
+        batch that does not fit on the GPU is split (:class:`~harmoniad.fastpath.AdaptiveBatch`).
+        """
         if not todo:
             return
         backbone = self.backbone
-        batches = [todo[i : i + self.batch_size] for i in range(0, len(todo), self.batch_size)]
+        on_cuda = backbone.device.type == "cuda"
         tracker = Progress(f"extract features ({self.key})", total=len(todo), callback=progress)
-        with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            pending: list[Future[Any]] = [pool.submit(read_image, p) for _, p in batches[0]]
-            try:
-                for k, batch in enumerate(batches):
-                    images = [f.result() for f in pending]
-                    nxt = batches[k + 1] if k + 1 < len(batches) else []
-                    pending = [pool.submit(read_image, p) for _, p in nxt]
-                    feats = backbone.extract(backbone.preprocess(images))
-                    feats = [f.clamp_(-_FP16_MAX, _FP16_MAX).to("cpu", torch.float16) for f in feats]
-                    for j, (digest, _) in enumerate(batch):
-                        per_image = [f[j].clone() for f in feats]
-                        self._write(digest, per_image)
-                        if sink is not None:
-                            sink(digest, per_image)
-                    tracker.update(len(batch))
-            finally:
-                for f in pending:
-                    f.cancel()
+        images = decoded_batches(
+            [p for _, p in todo],
+            self.batch_size,
+            workers=self.workers or default_workers(backbone.device),
+            processes=on_cuda,
+            pin_memory=on_cuda,
+            reader=read_image,
+        )
+        done = 0
+        for batch in images:
+            n = batch_len(batch)
+            for part in self._chunks.run(n, lambda a, b, x=batch: self._features(backbone, x[a:b])):
+                for per_image in part:
+                    digest = todo[done][0]
+                    self._write(digest, per_image)
+                    if sink is not None:
+                        sink(digest, per_image)
+                    done += 1
+            tracker.update(n)
+
+    @staticmethod
+    def _features(backbone: Backbone, images: Any) -> list[list[torch.Tensor]]:
+        """Per image of a decoded batch, its per-layer fp16 CPU feature maps."""
+        feats = backbone.extract(backbone.preprocess(images))
+        feats = [f.clamp_(-_FP16_MAX, _FP16_MAX).to("cpu", torch.float16) for f in feats]
+        return [[f[j].clone() for f in feats] for j in range(feats[0].shape[0])]
 
 
 __all__ = ["FORMAT_VERSION", "FeatureCache"]

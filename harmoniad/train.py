@@ -36,12 +36,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import harmoniad
+from harmoniad import distributed
 from harmoniad.atomic import atomic_path, atomic_write_text
 from harmoniad.backbone import BackboneConfig
 from harmoniad.config import ConfigError, from_dict, to_dict
 from harmoniad.device import autocast, resolve_device
+from harmoniad.fastpath import maybe_compile
 from harmoniad.model import HarmoniAD, ModelConfig
-from harmoniad.progress import Cancelled, Progress, ProgressFn
+from harmoniad.progress import Cancelled, Progress, ProgressFn, silent
 
 CHECKPOINT_FORMAT = "harmoniad-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -71,6 +73,8 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 200
     amp: bool = True
+    #: ``torch.compile`` the heads (pays off on long GPU runs; does not change the result).
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
@@ -165,7 +169,9 @@ class CacheSource:
         return self.cache.load([self.paths[i] for i in indices])
 
     def describe(self) -> dict[str, Any]:
-        digest = hashlib.sha256("\n".join(sorted(str(p) for p in self.paths)).encode()).hexdigest()[:16]
+        # surrogateescape: a file name that is not UTF-8 hashes by its bytes instead of failing.
+        names = "\n".join(sorted(str(p) for p in self.paths)).encode("utf-8", "surrogateescape")
+        digest = hashlib.sha256(names).hexdigest()[:16]
         return {"images": len(self), "paths_sha256": digest, **self._description}
 
 
@@ -190,7 +196,8 @@ def source_from_samples(
         )
     cache = FeatureCache(backbone, root=cache_root, device=device)
     paths = [s.image_path for s in samples]
-    cache.ensure(paths, progress=progress)
+    # Collective under torchrun (every rank trains on the same samples): each extracts a share.
+    cache.ensure(paths, progress=progress, distributed=True)
     categories = sorted({s.category for s in samples})
     return CacheSource(cache, paths, {"categories": categories})
 
@@ -233,9 +240,18 @@ def train(
     cache of ``backbone``) or a :class:`FeatureSource`. A complete checkpoint with the same
     settings already in ``out_dir`` is returned as is; a training state there is resumed.
     Raises :class:`Cancelled` (after saving the state) when the progress callback asks to stop.
+
+    Under ``torchrun`` (:mod:`harmoniad.distributed`) every rank calls this with the same
+    arguments: the model is wrapped in DDP, each rank computes its slice of every global
+    batch (:func:`~harmoniad.distributed.split_batch`, weighted so the averaged gradient is
+    that of the mean over the whole batch), only rank 0 reports progress and writes the
+    state and the checkpoint, and all ranks return once the checkpoint is on disk.
     """
     out = Path(out_dir)
-    dev = resolve_device(device)
+    dev = distributed.device(device)
+    main = distributed.is_main()
+    if not main:
+        progress = silent
     if isinstance(data, FeatureSource):
         source: FeatureSource = data
     else:
@@ -274,6 +290,10 @@ def train(
         model.parameters(), lr=train_cfg.lr, betas=train_cfg.betas, weight_decay=train_cfg.weight_decay
     )
     step = _load_state(out / STATE_FILE, model, optimizer, identity)
+    net: Any = model
+    if distributed.active():
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    net = maybe_compile(net, train_cfg.compile)
     total = train_cfg.total_steps(n)
     steps_per_epoch = math.ceil(n / train_cfg.batch_size)
     meter = Progress("train", total, progress, start=step)
@@ -286,25 +306,29 @@ def train(
         if epoch != order_epoch:
             order_epoch, order = epoch, _epoch_order(train_cfg.seed, epoch, n)
         batch = order[pos * train_cfg.batch_size : (pos + 1) * train_cfg.batch_size].tolist()
-        feats = [f.to(dev, non_blocking=True) for f in source.load(batch)]
+        local, weight = distributed.split_batch(batch)  # (batch, 1.0) in a single process
+        feats = [f.to(dev, non_blocking=True) for f in source.load(local)]
         lr = train_cfg.lr_at(step, total)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        gen = torch.Generator(device=dev).manual_seed(_derived_seed(train_cfg.seed, "dropout", step))
+        stream = "dropout" if distributed.rank() == 0 else f"dropout.rank{distributed.rank()}"
+        gen = torch.Generator(device=dev).manual_seed(_derived_seed(train_cfg.seed, stream, step))
         with autocast(dev, enabled=train_cfg.amp):
-            output = model(feats, generator=gen)
+            output = net(feats, generator=gen)
         losses = model.loss(output)
         optimizer.zero_grad(set_to_none=True)
-        losses.total.backward()
+        (losses.total if weight == 1.0 else losses.total * weight).backward()
         if train_cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
         optimizer.step()
         step += 1
         loss_value = float(losses.total.detach())
+        if distributed.active():  # the mean over the global batch, the same on every rank
+            loss_value = float(distributed.all_reduce_sum([loss_value * weight / distributed.world_size()]))
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"train: loss became {loss_value} at step {step}; lower lr or check the features")
         saved = False
-        if step % train_cfg.checkpoint_every == 0 and step < total:
+        if main and step % train_cfg.checkpoint_every == 0 and step < total:
             _save_state(out / STATE_FILE, model, optimizer, step, identity)
             saved = True
         try:
@@ -315,9 +339,11 @@ def train(
             raise
 
     result = {"steps": total, "final_loss": loss_value, "wall_s": round(time.monotonic() - t0, 3),
-              "device": str(dev)}
-    save_checkpoint(out, model, info, result)
-    (out / STATE_FILE).unlink(missing_ok=True)
+              "device": str(dev), "world_size": distributed.world_size()}
+    if main:
+        save_checkpoint(out, model, info, result)
+        (out / STATE_FILE).unlink(missing_ok=True)
+    distributed.barrier()  # the other ranks return once the checkpoint is there to load
     return out
 
 
@@ -325,6 +351,7 @@ def _identity(info: CheckpointInfo) -> str:
     """What must match for a state or checkpoint to belong to this run (not code version or results)."""
     d = to_dict(info)
     keep = {k: d[k] for k in ("model", "backbone", "train", "in_dim", "num_layers", "grid", "data")}
+    keep["train"] = {k: v for k, v in keep["train"].items() if k != "compile"}  # same weights either way
     return json.dumps(keep, sort_keys=True)
 
 
@@ -404,8 +431,8 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
         raw = json.loads(config_path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise CheckpointError(f"{config_path}: missing; not a finished HarmoniAD checkpoint directory") from exc
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nesting bomb
+        raise CheckpointError(f"{config_path}: not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from exc
     info = from_dict(CheckpointInfo, raw, where=str(config_path))
     if info.format != CHECKPOINT_FORMAT:
         raise ConfigError(f"{config_path}: format is {info.format!r}, expected {CHECKPOINT_FORMAT!r}")
@@ -421,8 +448,20 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     directory = Path(path)
     info = read_checkpoint_info(directory)
     weights = directory / MODEL_FILE
+    # The config is untrusted: check it against the weights file's header on a meta-device
+    # skeleton first, so that a crafted size (hidden_dim 10**8) allocates nothing.
     try:
+        with torch.device("meta"):
+            skeleton = HarmoniAD(info.model, info.in_dim, info.num_layers)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: describes no buildable model ({exc})") from exc
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            stored = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+        _check_shapes({k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, stored, weights)
         state = load_file(str(weights))
+    except CheckpointError:
+        raise
     except FileNotFoundError as exc:
         raise CheckpointError(f"{weights}: missing weights file of checkpoint {directory}") from exc
     except Exception as exc:  # noqa: BLE001
@@ -434,13 +473,19 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 
 def _load_weights_checked(model: HarmoniAD, state: dict[str, torch.Tensor], where: Path) -> None:
     """``load_state_dict`` with errors that name the file and every mismatching tensor."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    _check_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                  {k: tuple(v.shape) for k, v in state.items()}, where)
+    model.load_state_dict(state, strict=True)
+
+
+def _check_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], where: Path) -> None:
+    """Refuse weights whose names or shapes differ from the model's, naming the file and tensors."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
     wrong = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        f"{k}: file {found[k]} vs model {v}"
         for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
+        if k in found and found[k] != v
     ]
     if missing or unexpected or wrong:
         parts = []
@@ -453,4 +498,3 @@ def _load_weights_checked(model: HarmoniAD, state: dict[str, torch.Tensor], wher
         raise CheckpointError(
             f"{where}: weights do not match the model its config describes ({'; '.join(parts)})"
         )
-    model.load_state_dict(state, strict=True)
