@@ -9,17 +9,9 @@ import torch
 from harmoniad.config import ConfigError, from_dict, to_dict
 from harmoniad.fsam import FSAM, WindowAttention
 from harmoniad.gscm import GSCM, LinearAttention
-from harmoniad.layers import tokens_to_map
-from harmoniad.model import HarmoniAD, ModelConfig, parameter_counts
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is fastest, and spinning OpenMP threads stall on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from harmoniad.frequency import FrequencySplit
+from harmoniad.layers import map_to_tokens, tokens_to_map
+from harmoniad.model import HarmoniAD, ModelConfig, ModelOutput, parameter_counts, split_reconstruction
 
 
 SMALL = dict(hidden_dim=16, fsam_heads=2, gscm_heads=2, decoder_heads=2, fsam_window=4)
@@ -80,6 +72,16 @@ def test_linear_attention_matches_explicit_formula() -> None:
         ({"branches": "low"}, False, True),
         ({"split": False, "branches": "low"}, False, False),
         ({"soft_edge": 0.3, "learnable_cutoff": True}, True, True),
+        ({"high_source": "split", "low_source": "split"}, True, True),
+        ({"high_source": "split", "low_source": "split", "low_distance": "relative", "soft_edge": 0.3, "learnable_cutoff": True}, True, True),
+        ({"high_source": "branch_decoder", "low_source": "branch_decoder"}, True, True),
+        ({"high_source": "branch", "low_source": "branch", "high_distance": "cos"}, True, True),
+        ({"high_source": "decoder", "low_source": "decoder", "low_distance": "relative"}, True, True),
+        ({"high_source": "split", "low_source": "split", "branches": "high"}, True, False),
+        ({"high_source": "branch_decoder", "low_source": "branch_decoder", "branches": "low"}, False, True),
+        ({"high_source": "split", "low_source": "split", "split": False}, False, False),
+        ({"high_source": "split", "low_source": "decoder"}, True, True),
+        ({"high_source": "branch", "low_source": "split", "branches": "low"}, False, True),
     ],
 )
 def test_model_outputs_and_ablation_flags(flags: dict, has_high: bool, has_low: bool) -> None:
@@ -103,6 +105,87 @@ def test_model_outputs_and_ablation_flags(flags: dict, has_high: bool, has_low: 
     assert maps.anomaly.shape == (2, 6, 9) and maps.anomaly.dtype == torch.float32
     assert (maps.high is not None) == has_high and (maps.low is not None) == has_low
     assert float(maps.anomaly.min()) >= 0.0 and float(maps.anomaly.max()) <= 2.0
+
+
+def test_band_heads_per_band_source() -> None:
+    """"split" reads the main reconstruction (no band heads); "branch_decoder" adds a decoder per band."""
+
+    def band_params(source: str, **flags: object) -> int:
+        model = HarmoniAD(ModelConfig(**SMALL, high_source=source, low_source=source, **flags), 24, 3)  # type: ignore[arg-type]
+        return sum(p.numel() for p in model.band_heads.parameters())
+
+    assert band_params("split") == 0 and band_params("decoder", split=False) == 0
+    assert band_params("decoder") == band_params("branch") > 0
+    assert band_params("branch_decoder") > band_params("decoder")
+    assert band_params("branch_decoder", branches="high") * 2 == band_params("branch_decoder")
+    mixed = HarmoniAD(ModelConfig(**SMALL, high_source="split", low_source="decoder"), 24, 3)
+    assert list(mixed.band_heads) == ["low"]
+
+
+@pytest.mark.parametrize("design, reads_decoder", [("decoder", True), ("branch", False), ("branch_decoder", False)])
+def test_band_heads_read_the_decoder_or_their_branch(design: str, reads_decoder: bool) -> None:
+    """"decoder" band heads see the shared decoder's context; the others only their own branch."""
+    model = HarmoniAD(ModelConfig(**SMALL, high_source=design, low_source=design), 24, 3).eval()  # type: ignore[arg-type]
+    feats = _feats()
+    with torch.no_grad():
+        before = model(feats)
+        for param in model.decoder.parameters():
+            param.add_(0.5 * torch.randn_like(param))
+        after = model(feats)
+    assert not torch.allclose(before.recon[0], after.recon[0])
+    for band in ("recon_high", "recon_low"):
+        changed = not torch.allclose(getattr(before, band)[0], getattr(after, band)[0])
+        assert changed == reads_decoder
+
+
+def _oracle_maps(target_map: torch.Tensor, recon_map: torch.Tensor, **distances: str):
+    """Branch maps of the ``"split"`` source for a given reconstruction (here a perfect normal one)."""
+    grid = tuple(target_map.shape[-2:])
+    splitter = FrequencySplit(0.25)
+    target, recon = [map_to_tokens(target_map)], [map_to_tokens(recon_map)]
+    lows, highs = split_reconstruction(splitter, recon, target, grid, distances["low"], distances["high"])
+    t_low, t_high = splitter(target[0], grid)
+    out = ModelOutput(grid=grid, recon=recon, target=target, recon_high=highs, target_high=[t_high],
+                      recon_low=lows, target_low=[t_low], high_distance=distances["high"],
+                      low_distance=distances["low"])
+    return HarmoniAD.output_maps(out)
+
+
+def _smooth_normal(c: int = 16, h: int = 8, w: int = 8) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    base, a, b = (torch.randn(c, 1, 1, generator=gen) * s for s in (2.0, 1.0, 1.0))
+    return (base + a * torch.sin(3 * xx) + b * torch.cos(2 * yy))[None]
+
+
+def test_branch_maps_respond_in_the_matching_band() -> None:
+    """Against a perfect normal reconstruction: a one-position spike (structural) lights the high map
+    at that position only; a shift of the whole image (semantic) lights the low map, not the high one."""
+    normal = _smooth_normal()
+    clean = _oracle_maps(normal, normal, high="relative", low="cos")
+    assert float(clean.high.abs().max()) < 1e-5 and float(clean.low.abs().max()) < 1e-5
+
+    spike = normal.clone()
+    spike[0, :, 3, 5] += 3.0 * torch.randn(16, generator=torch.Generator().manual_seed(1))
+    maps = _oracle_maps(spike, normal, high="relative", low="cos")
+    assert int(maps.high.flatten().argmax()) == 3 * 8 + 5
+    second = float(maps.high.flatten().topk(2).values[1])
+    assert float(maps.high[0, 3, 5]) > 0.1 > 100 * max(second, float(maps.low.max()))
+
+    shifted = normal + 2.0 * torch.randn(1, 16, 1, 1, generator=torch.Generator().manual_seed(2))
+    maps = _oracle_maps(shifted, normal, high="relative", low="cos")
+    assert float(maps.low.mean()) > 0.1 > 10 * float(maps.high.mean())
+
+
+def test_relative_split_maps_reduce_to_the_anomaly_map() -> None:
+    """With one band covering the whole spectrum, its relative map is exactly ``1 - cos``."""
+    feats = [f + 1.0 for f in _feats()]
+    for cutoff, band in ((2.0, "low"), (0.0, "high")):
+        cfg = ModelConfig(**SMALL, high_source="split", low_source="split", cutoff=cutoff, high_distance="relative",
+                          low_distance="relative")
+        with torch.no_grad():
+            maps = HarmoniAD(cfg, 24, 3).eval().maps(feats)
+        torch.testing.assert_close(getattr(maps, band), maps.anomaly, atol=1e-5, rtol=1e-5)
 
 
 def test_branch_modules_exist_only_when_used() -> None:
@@ -148,6 +231,15 @@ def test_config_round_trip_and_validation() -> None:
     assert from_dict(ModelConfig, to_dict(cfg)) == cfg
     with pytest.raises(ConfigError):
         from_dict(ModelConfig, {**to_dict(cfg), "branches": "middle"})
+    maps_cfg = ModelConfig(**SMALL, high_source="branch_decoder", low_source="decoder", high_distance="cos",
+                           low_distance="relative")
+    assert from_dict(ModelConfig, to_dict(maps_cfg)) == maps_cfg
+    with pytest.raises(ConfigError, match="low_source"):
+        from_dict(ModelConfig, {**to_dict(cfg), "low_source": "fused"})
+    with pytest.raises(ValueError, match="high_distance"):
+        ModelConfig(high_distance="l2")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="branch_decoder_depth"):
+        ModelConfig(branch_decoder_depth=-1)
     with pytest.raises(ValueError, match="learnable_cutoff"):
         ModelConfig(learnable_cutoff=True)
     with pytest.raises(ValueError, match="hard_mining_fraction"):
