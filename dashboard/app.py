@@ -1,0 +1,53 @@
+"""HarmoniAD dashboard entry point: ``streamlit run dashboard/app.py`` (from the repo root).
+
+Builds the page menu with ``st.navigation`` over the top-level ``pages/`` folder
+(``dashboard/nav.py``), draws the sidebar shared by every page (store location, the
+app-wide run picker, work in progress), starts the offline demo on a first start
+(``dashboard/bootstrap.py``) and runs the chosen page.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Streamlit puts only this file's folder on sys.path; the pages import `dashboard` and `harmoniad`.
+_REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+
+import streamlit as st
+
+from dashboard import bootstrap, jobs, nav, state
+from harmoniad.store import StoreError
+
+
+def _sidebar() -> None:
+    with st.sidebar:
+        st.markdown("### HarmoniAD")
+        st.caption("Frequency-guided anomaly detection on frozen CLIP features.")
+        state.run_picker("Selected run", key="sidebar_run")
+        st.caption("The selected run is used by every page.")
+        running = jobs.board().running(state.store_path())
+        if running:
+            st.caption(f":material/hourglass_top: {len(running)} job(s) running: "
+                       + ", ".join(j.title for j in running))
+        st.divider()
+        st.caption(f"Results store: `{state.store_path()}`")
+
+
+def main() -> None:
+    st.set_page_config(page_title="HarmoniAD", page_icon=":material/graphic_eq:", layout="wide")
+    page = st.navigation(nav.all_pages())
+    try:
+        store = state.get_store()
+    except (StoreError, OSError) as exc:
+        st.error(f"The results store at `{state.store_path()}` cannot be opened: {exc}. "
+                 "Set HARMONIAD_STORE (or HARMONIAD_CACHE) to a writable folder.")
+        st.stop()
+    _sidebar()
+    bootstrap.demo_panel(store)
+    page.run()
+
+
+main()

@@ -1,0 +1,126 @@
+"""Export page: the selected run's per-category metrics and per-image scores as CSV, and a chart.
+
+The CSV files are exactly what ``ResultStore.export_csv`` (and so the CLI) writes. Charts are
+plotly figures: the chart's own toolbar saves a PNG in the browser (no server-side renderer
+needed); a standalone HTML file (interactive, works offline) is offered too. Server-side PNG
+needs the optional ``kaleido`` package and is used only when it is installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import tempfile
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from dashboard import charts, nav, state
+from harmoniad.store import METRIC_COLUMNS, RunDataMissing, RunInfo
+
+MISSING_FILES = ("The run's per-image files are missing (deleted or moved). Per-category metrics live in the "
+                 "index and can still be exported; delete the run on the Overview page or evaluate again.")
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _export_files(store_path: str, run_id: str, updated: str) -> dict[str, bytes]:
+    """``{"metrics", "images", "run"} -> bytes`` as ``export_csv`` writes them (cached per run update)."""
+    with tempfile.TemporaryDirectory(prefix="harmoniad-export-") as tmp:
+        metrics, images, run = state.get_store().export_csv(run_id, tmp)
+        return {"metrics": metrics.read_bytes(), "images": images.read_bytes(), "run": run.read_bytes()}
+
+
+def _metrics_csv(info: RunInfo) -> bytes:
+    """Per-category metrics (from the index) when the per-image files are gone."""
+    metrics = state.run_metrics(info)
+    return metrics.to_csv(index=False).encode()
+
+
+def _kaleido_available() -> bool:
+    return importlib.util.find_spec("kaleido") is not None
+
+
+def _chart(info: RunInfo) -> tuple[go.Figure, str] | None:
+    kind = st.radio("Chart", ["Per-category bars", "ROC curve of one category"], horizontal=True, key="export_chart")
+    if kind == "Per-category bars":
+        metric = st.selectbox("Metric", list(METRIC_COLUMNS), format_func=charts.METRIC_LABELS.__getitem__,
+                              key="export_metric")
+        table = charts.comparison_table({info.id: state.run_metrics(info)}, {info.id: charts.method_label(info.method)})
+        return charts.category_bars(table, metric), f"{info.id}_{metric}_bars"
+    try:
+        images = state.run_images(info)
+    except RunDataMissing:
+        st.error(MISSING_FILES)
+        return None
+    if images.empty:
+        st.info("This run stored no per-image scores.")
+        return None
+    category = st.selectbox("Category", sorted(images["category"].unique()), key="export_category")
+    rows = images[images["category"] == category]
+    roc, _, skipped = charts.curve_figures({charts.method_label(info.method): rows})
+    for label, why in skipped.items():
+        st.warning(f"{label}: no ROC curve for {category} ({why}).")
+    return roc, f"{info.id}_{category}_roc"
+
+
+def _chart_section(info: RunInfo) -> None:
+    st.subheader("Chart")
+    made = _chart(info)
+    if made is None:
+        return
+    fig, name = made
+    st.plotly_chart(fig, width="stretch", key="export_fig", config={
+        "displayModeBar": True,
+        "toImageButtonOptions": {"format": "png", "filename": name, "scale": 2},
+    })
+    html = fig.to_html(include_plotlyjs=True, full_html=True).encode()
+    c1, c2 = st.columns(2)
+    c1.download_button("Download chart as HTML", html, file_name=f"{name}.html", mime="text/html",
+                       key="export_html", icon=":material/html:",
+                       help="A standalone interactive page (works offline, about 5 MB).")
+    if _kaleido_available():
+        try:
+            png = fig.to_image(format="png", scale=2)
+        except Exception as exc:  # noqa: BLE001 - kaleido needs a browser; say why instead of failing the page
+            c2.info(f"Server-side PNG export failed ({type(exc).__name__}: {exc}); use the chart's camera icon.")
+        else:
+            c2.download_button("Download chart as PNG", png, file_name=f"{name}.png", mime="image/png",
+                               key="export_png", icon=":material/image:")
+    else:
+        c2.info("**PNG:** use the camera icon in the chart's toolbar (top right of the chart); it saves a PNG "
+                "in your browser. Server-side PNG export would need the optional `kaleido` package, which is "
+                "not installed.", icon=":material/photo_camera:")
+
+
+def main() -> None:
+    st.title("Export")
+    st.caption("Download the selected run's results as CSV, and charts as PNG or HTML.")
+    info = state.current_run()
+    if info is None:
+        st.info("No run selected. Pick one in the sidebar, or start one on the Run page.")
+        nav.link("run", "Go to the Run page")
+        return
+    state.weights_banner(info)
+    st.markdown(f"Run **{charts.method_label(info.method)}** on **{info.dataset}** · `{info.id}` · {info.status}")
+
+    st.subheader("Tables")
+    c1, c2, c3 = st.columns(3)
+    try:
+        files = _export_files(str(state.store_path()), info.id, info.updated)
+    except RunDataMissing as exc:
+        st.error(f"{MISSING_FILES}\n\n{exc}")
+        c1.download_button("Per-category metrics (CSV)", _metrics_csv(info), file_name=f"{info.id}_metrics.csv",
+                           mime="text/csv", key="export_metrics_only", icon=":material/table:")
+    else:
+        c1.download_button("Per-category metrics (CSV)", files["metrics"], file_name=f"{info.id}_metrics.csv",
+                           mime="text/csv", key="export_metrics", icon=":material/table:")
+        c2.download_button("Per-image scores (CSV)", files["images"], file_name=f"{info.id}_images.csv",
+                           mime="text/csv", key="export_images", icon=":material/table_rows:")
+        c3.download_button("Run record (JSON)", files["run"], file_name=f"{info.id}_run.json",
+                           mime="application/json", key="export_run", icon=":material/data_object:")
+    st.caption("Metrics: one row per category plus a mean row, values as fractions in [0, 1]. "
+               "Scores: one row per test image (path, category, defect, label 1 = defective, anomaly score). "
+               "Run record: configuration, backbone provenance and code version.")
+    _chart_section(info)
+
+
+main()

@@ -1,0 +1,255 @@
+"""Tests of dashboard.charts: numbers against scikit-learn or hand counts, figures by their data."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import f1_score, precision_recall_curve, roc_auc_score, roc_curve
+
+from dashboard import charts
+from harmoniad.store import METRIC_COLUMNS
+
+
+def _metrics(values: dict[str, float], status: dict[str, str] | None = None) -> pd.DataFrame:
+    """A load_metrics-like frame: image_auroc = the given value, other metrics = value / 2."""
+    rows = []
+    for category, v in values.items():
+        row = {"category": category, "status": (status or {}).get(category, "ok")}
+        row.update({m: (v if m == "image_auroc" else v / 2) for m in METRIC_COLUMNS})
+        if row["status"] == "failed":
+            row.update({m: np.nan for m in METRIC_COLUMNS})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _runs(rows: list[tuple[str, str, str, str, str]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=["id", "method", "dataset", "status", "created"])
+
+
+# ----------------------------------------------------------------------------- run choice
+
+
+def test_latest_runs_picks_newest_complete_run_per_method_in_registry_order() -> None:
+    runs = _runs([
+        ("p2", "patchcore", "mvtec", "complete", "2026-01-03"),
+        ("h3", "harmoniad", "mvtec", "failed", "2026-01-04"),
+        ("h2", "harmoniad", "mvtec", "complete", "2026-01-02"),
+        ("p1", "patchcore", "mvtec", "complete", "2026-01-01"),
+        ("h1", "harmoniad", "mvtec", "complete", "2026-01-01"),
+        ("hv", "harmoniad", "visa", "complete", "2026-01-05"),
+        ("lo", "harmoniad_low", "mvtec", "complete", "2026-01-01"),
+    ])
+    assert charts.latest_runs(runs, "mvtec") == ["h2", "lo", "p2"]
+    assert charts.latest_runs(runs, "mvtec", methods=["patchcore"]) == ["p2"]
+    assert charts.latest_runs(runs, "visa") == ["hv"]
+    assert charts.latest_runs(runs.iloc[0:0], "mvtec") == []
+
+
+def test_series_labels_use_registry_labels_and_disambiguate_repeats() -> None:
+    runs = _runs([
+        ("a", "harmoniad", "d", "complete", "2026-01-01T10:00:00"),
+        ("b", "harmoniad", "d", "complete", "2026-01-02T11:30:00"),
+        ("c", "patchcore", "d", "complete", "2026-01-01T09:00:00"),
+        ("x", "my_method", "d", "complete", "2026-01-01T09:00:00"),
+    ])
+    labels = charts.series_labels(runs)
+    assert labels["c"] == "PatchCore"
+    assert labels["x"] == "my_method"
+    assert labels["a"] == "HarmoniAD (2026-01-01 10:00)"
+    assert labels["b"] == "HarmoniAD (2026-01-02 11:30)"
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_comparison_table_is_percent_with_a_mean_over_ok_categories() -> None:
+    table = charts.comparison_table(
+        {"r1": _metrics({"a": 0.9, "b": 0.7, "c": 0.5}, {"c": "failed"})}, {"r1": "HarmoniAD"}
+    )
+    assert list(table["category"]) == ["a", "b", "c", charts.MEAN_LABEL]
+    assert table["series"].unique().tolist() == ["HarmoniAD"]
+    assert table.loc[0, "image_auroc"] == pytest.approx(90.0)
+    assert math.isnan(table.loc[2, "image_auroc"])
+    assert table.loc[3, "image_auroc"] == pytest.approx(80.0)  # the failed category is left out
+    assert table.loc[3, "pixel_ap"] == pytest.approx(40.0)
+
+
+def test_category_bars_have_one_trace_per_series_and_a_mean_group() -> None:
+    table = charts.comparison_table(
+        {"r1": _metrics({"a": 0.9, "b": 0.7}), "r2": _metrics({"a": 0.6, "b": 0.8})},
+        {"r1": "HarmoniAD", "r2": "PatchCore"},
+    )
+    fig = charts.category_bars(table, "image_auroc")
+    assert [t.name for t in fig.data] == ["HarmoniAD", "PatchCore"]
+    assert list(fig.data[0].x) == ["a", "b", "mean"]
+    np.testing.assert_allclose(fig.data[1].y, [60.0, 80.0, 70.0])
+    with pytest.raises(ValueError, match="unknown metric"):
+        charts.category_bars(table, "accuracy")
+
+
+def test_difference_is_positive_where_harmoniad_is_better() -> None:
+    table = charts.comparison_table(
+        {"h": _metrics({"a": 0.9, "b": 0.6, "c": 0.8}), "p": _metrics({"a": 0.7, "b": 0.8})},
+        {"h": "HarmoniAD", "p": "PatchCore"},
+    )
+    diff = charts.difference_table(table, "image_auroc", "h", "p")
+    assert list(diff["category"]) == ["a", "b", "c", "mean"]
+    np.testing.assert_allclose(diff["difference"].iloc[:2], [20.0, -20.0])
+    assert math.isnan(diff["difference"].iloc[2])  # c is missing from the baseline
+    assert diff["difference"].iloc[3] == pytest.approx(0.0)  # mean over shared categories a, b
+    fig = charts.difference_bars(diff, "image_auroc", "HarmoniAD", "PatchCore")
+    colours = list(fig.data[0].marker.color)
+    assert colours[0] == charts.POSITIVE_COLOUR and colours[1] == charts.NEGATIVE_COLOUR
+    assert "HarmoniAD minus PatchCore" in fig.layout.title.text
+    # swapping the runs flips every sign
+    swapped = charts.difference_table(table, "image_auroc", "p", "h")
+    np.testing.assert_allclose(swapped["difference"].iloc[:2], [-20.0, 20.0])
+
+
+def test_mean_differences_cover_every_metric_and_baseline() -> None:
+    table = charts.comparison_table(
+        {"h": _metrics({"a": 0.9, "b": 0.6}), "p": _metrics({"a": 0.7, "b": 0.8}), "w": _metrics({"a": 0.5, "b": 0.5})},
+        {"h": "HarmoniAD", "p": "PatchCore", "w": "WinCLIP"},
+    )
+    means = charts.mean_differences(table, "h", {"p": "PatchCore", "w": "WinCLIP"})
+    assert list(means.index) == ["PatchCore", "WinCLIP"]
+    assert means.loc["PatchCore", "Image AUROC"] == pytest.approx(0.0)
+    assert means.loc["WinCLIP", "Image AUROC"] == pytest.approx(25.0)
+    assert means.loc["WinCLIP", "Pixel AP"] == pytest.approx(12.5)
+
+
+# ----------------------------------------------------------------------------- curves
+
+
+def _scores(seed: int = 0, n: int = 60) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < 0.4).astype(int)
+    labels[:2] = [0, 1]
+    scores = np.round(rng.normal(labels * 0.8, 1.0), 1)  # rounding makes ties
+    return labels, scores
+
+
+def test_curves_match_sklearn() -> None:
+    labels, scores = _scores()
+    rows = pd.DataFrame({"label": labels, "score": scores})
+    roc, pr, skipped = charts.curve_figures({"HarmoniAD": rows})
+    assert skipped == {}
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    np.testing.assert_allclose(roc.data[0].x, fpr)
+    np.testing.assert_allclose(roc.data[0].y, tpr)
+    assert f"({roc_auc_score(labels, scores) * 100:.1f})" in roc.data[0].name
+    precision, recall, _ = precision_recall_curve(labels, scores, drop_intermediate=False)
+    # sklearn lists thresholds ascending and ends with (recall 0, precision 1): compare as point sets
+    ours = set(zip(np.round(pr.data[0].x, 9), np.round(pr.data[0].y, 9)))
+    theirs = set(zip(np.round(recall, 9), np.round(precision, 9)))
+    assert ours == theirs
+
+
+def test_curves_skip_a_category_with_one_class() -> None:
+    rows = pd.DataFrame({"label": [0, 0, 0], "score": [0.1, 0.2, 0.3]})
+    roc, pr, skipped = charts.curve_figures({"PatchCore": rows})
+    assert list(skipped) == ["PatchCore"]
+    assert [t.name for t in roc.data] == ["chance"]
+    assert len(pr.data) == 0
+
+
+def test_f1_max_threshold_is_the_best_f1_threshold() -> None:
+    labels, scores = _scores(seed=3)
+    t = charts.f1_max_threshold(labels, scores)
+    best = max(f1_score(labels, scores >= c) for c in np.unique(scores))
+    assert f1_score(labels, scores >= t) == pytest.approx(best)
+    assert charts.f1_max_threshold([0, 0], [0.1, 0.2]) is None
+
+
+def test_f1_max_threshold_prefers_fewer_flags_on_ties() -> None:
+    # flagging {0.9} or all four both give F1 = 2/3: the higher threshold wins
+    labels = np.array([1, 0, 0, 1])
+    scores = np.array([0.9, 0.8, 0.7, 0.6])
+    assert f1_score(labels, scores >= 0.9) == pytest.approx(f1_score(labels, scores >= 0.6))
+    assert charts.f1_max_threshold(labels, scores) == pytest.approx(0.9)
+
+
+# ----------------------------------------------------------------------------- one image
+
+
+def test_score_histogram_splits_normal_and_defective_and_marks_the_image() -> None:
+    labels = np.array([0, 0, 0, 1, 1])
+    scores = np.array([0.1, 0.2, 0.3, 0.8, 0.9])
+    fig = charts.score_histogram(scores, labels, marked=0.8, threshold=0.5)
+    normal, defective = fig.data
+    np.testing.assert_allclose(normal.x, [0.1, 0.2, 0.3])
+    np.testing.assert_allclose(defective.x, [0.8, 0.9])
+    assert normal.name == "normal (3)" and defective.name == "defective (2)"
+    lines = {round(s.x0, 6) for s in fig.layout.shapes}
+    assert lines == {0.8, 0.5}
+
+
+def test_confusion_counts_on_a_hand_made_mask() -> None:
+    mask = np.zeros((4, 5), dtype=bool)
+    mask[1:3, 1:4] = True  # 6 defect pixels
+    predicted = np.zeros((4, 5), dtype=bool)
+    predicted[2, 2:5] = True  # (2,2), (2,3) hit; (2,4) false alarm
+    predicted[0, 0] = True  # false alarm
+    counts = charts.confusion_counts(mask, predicted)
+    assert (counts["tp"], counts["fp"], counts["fn"], counts["tn"]) == (2, 2, 4, 12)
+    assert counts["iou"] == pytest.approx(2 / 8)
+    assert counts["precision"] == pytest.approx(0.5)
+    assert counts["recall"] == pytest.approx(2 / 6)
+    empty = charts.confusion_counts(np.zeros((2, 2), bool), np.zeros((2, 2), bool))
+    assert empty["tn"] == 4 and math.isnan(empty["iou"])
+    with pytest.raises(ValueError, match="differs"):
+        charts.confusion_counts(mask, predicted[:3])
+
+
+def test_draw_outline_paints_only_the_border_of_the_region() -> None:
+    image = np.zeros((12, 12, 3), dtype=np.uint8)
+    mask = np.zeros((12, 12), dtype=bool)
+    mask[2:10, 2:10] = True
+    out = charts.draw_outline(image, mask, colour=(0, 255, 0))
+    painted = (out == [0, 255, 0]).all(axis=2)
+    assert painted[2, 2:10].all() and painted[2:10, 2].all() and painted[9, 5]
+    assert not painted[~mask].any()  # never outside the region
+    assert not painted[5, 5]  # interior untouched
+    assert image.sum() == 0  # input not modified
+    with pytest.raises(ValueError, match="differs"):
+        charts.draw_outline(image, mask[:5])
+
+
+def test_paint_mask_blends_only_masked_pixels() -> None:
+    image = np.full((2, 2, 3), 100, dtype=np.uint8)
+    mask = np.array([[True, False], [False, False]])
+    out = charts.paint_mask(image, mask, colour=(200, 0, 0), alpha=0.5)
+    assert out[0, 0].tolist() == [150, 50, 50]
+    assert out[1, 1].tolist() == [100, 100, 100]
+
+
+def test_map_range_and_resizing() -> None:
+    a = np.array([[0.0, np.nan], [2.0, 1.0]], dtype=np.float32)
+    assert charts.map_range([a, np.array([[5.0]])]) == (0.0, 5.0)
+    assert charts.map_range([np.full((2, 2), np.nan)]) == (0.0, 1.0)
+    assert charts.map_range([np.ones((2, 2))]) == (1.0, 2.0)
+    assert charts.fit_map(np.ones((8, 8)), 16).shape == (16, 16)
+    assert charts.fit_image(np.zeros((10, 20, 3), np.uint8), 8).shape == (8, 8, 3)
+
+
+# ----------------------------------------------------------------------------- failure cases
+
+
+def test_failure_cases_rank_alarms_and_misses_and_flag_them_at_the_threshold() -> None:
+    images = pd.DataFrame({
+        "index": np.arange(8),
+        "label": [0, 0, 0, 0, 1, 1, 1, 1],
+        "score": [0.1, 0.7, 0.4, 0.7, 0.9, 0.3, 0.6, 0.5],
+    })
+    alarms, misses = charts.failure_cases(images, k=3, threshold=0.55)
+    assert list(alarms["index"]) == [1, 3, 2]  # score descending, ties by index
+    assert list(alarms["rank"]) == [1, 2, 3]
+    assert list(alarms["failed"]) == [True, True, False]
+    assert list(misses["index"]) == [5, 7, 6]  # score ascending
+    assert list(misses["failed"]) == [True, True, False]
+    alarms, misses = charts.failure_cases(images, k=10)
+    assert len(alarms) == 4 and len(misses) == 4
+    assert alarms["failed"].isna().all()
