@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]  # run from a checkout, uninstalled
 
 import bench_analysis_pages  # the dashboard benchmark's store builder and page driver
+from timing import timed
 
 from harmoniad.store import METRIC_COLUMNS, ResultStore
 
@@ -61,16 +62,6 @@ def add_small_runs(store: ResultStore, n: int, resolution: int) -> None:
             )
             store.add_category(run, cat, metrics={m: float(rng.random()) for m in METRIC_COLUMNS}, images=images)
         store.finish_run(run)
-
-
-def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """(median, max) seconds of ``repeats`` calls."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), max(times)
 
 
 def peak_memory(fn: Callable[[], object]) -> tuple[int, int]:

@@ -10,11 +10,9 @@ to a temporary directory unless ``--root`` is given.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +21,11 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, uninstalled
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]  # run from a checkout, uninstalled
+
+from timing import timed  # the benchmarks' shared timing helper
+
 from harmoniad.store import METRIC_COLUMNS, ResultStore
 
 
@@ -60,16 +62,6 @@ def category_args(rng: np.random.Generator, category: str, n: int, resolution: i
         "masks": masks,
         "seconds": 1.0,
     }
-
-
-def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """(median, max) seconds of ``repeats`` calls."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), max(times)
 
 
 def directory_bytes(path: Path, pattern: str = "*") -> int:

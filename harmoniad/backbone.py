@@ -230,28 +230,22 @@ def resolve_spec(config: BackboneConfig) -> BackboneSpec:
         mean, std = tuple(pretrained.get("mean", mean)), tuple(pretrained.get("std", std))
         override = os.environ.get(WEIGHTS_ENV, "").strip()
         if override:
-            kind = "file"
-            file = Path(override).expanduser()
-            if not file.is_file():
-                raise BackboneWeightsError(
-                    f"{WEIGHTS_ENV}={override!r} (replacing the {tag!r} weights of {config.model}) "
-                    "is not a file; point it at a local open_clip weights file or unset it"
-                )
-            sha, source = file_sha256(file), f"env {WEIGHTS_ENV}"
-            weights_id = f"file-{sha[:16]}"
+            kind, file, source = "file", Path(override).expanduser(), f"env {WEIGHTS_ENV}"
+            sha, weights_id = _hash_weights_file(
+                file,
+                f"{WEIGHTS_ENV}={override!r} (replacing the {tag!r} weights of {config.model}) "
+                "is not a file; point it at a local open_clip weights file or unset it",
+            )
         else:
             kind = "tag"
             weights_id = tag
     elif _looks_like_path(weights):
-        kind = "file"
-        file = Path(weights).expanduser()
-        if not file.is_file():
-            raise BackboneWeightsError(
-                f"weights file {str(file)!r} for {config.model} does not exist; give an existing "
-                "open_clip weights file (safetensors or a state dict), a pretrained tag, or 'random'"
-            )
-        sha, source = file_sha256(file), "config"
-        weights_id = f"file-{sha[:16]}"
+        kind, file, source = "file", Path(weights).expanduser(), "config"
+        sha, weights_id = _hash_weights_file(
+            file,
+            f"weights file {str(file)!r} for {config.model} does not exist; give an existing "
+            "open_clip weights file (safetensors or a state dict), a pretrained tag, or 'random'",
+        )
     else:
         tags = open_clip.list_pretrained_tags_by_model(config.model)
         raise BackboneWeightsError(
@@ -285,6 +279,17 @@ def resolve_spec(config: BackboneConfig) -> BackboneSpec:
         std=std,
         key=key,
     )
+
+
+def _hash_weights_file(file: Path, missing: str) -> tuple[str, str]:
+    """(SHA-256, weights id) of a local weights file: the id is the hash, so renaming a file keeps its features.
+
+    ``missing`` is the error raised when ``file`` is not a file (it names where the path came from).
+    """
+    if not file.is_file():
+        raise BackboneWeightsError(missing)
+    sha = file_sha256(file)
+    return sha, f"file-{sha[:16]}"
 
 
 def backbone_key(config: BackboneConfig) -> str:

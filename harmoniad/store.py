@@ -222,15 +222,10 @@ class ResultStore:
             con.row_factory = sqlite3.Row
             con.execute("PRAGMA foreign_keys = ON")
             if write:
-                con.execute("BEGIN IMMEDIATE")
-            try:
+                with _immediate_transaction(con):
+                    yield con
+            else:
                 yield con
-                if write:
-                    con.execute("COMMIT")
-            except BaseException:
-                if con.in_transaction:
-                    con.execute("ROLLBACK")
-                raise
         finally:
             con.close()
 
@@ -242,8 +237,7 @@ class ResultStore:
             mode = con.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise StoreError(f"{self.db_path}: could not switch the index to WAL journal mode (got {mode!r})")
-            con.execute("BEGIN IMMEDIATE")
-            try:
+            with _immediate_transaction(con):
                 version = con.execute("PRAGMA user_version").fetchone()[0]
                 if version > SCHEMA_VERSION:
                     raise StoreError(
@@ -255,11 +249,6 @@ class ResultStore:
                         if statement.strip():
                             con.execute(statement)
                     con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                con.execute("COMMIT")
-            except BaseException:
-                if con.in_transaction:
-                    con.execute("ROLLBACK")
-                raise
         finally:
             con.close()
 
@@ -827,6 +816,19 @@ def detect_code_version() -> str:
         except (OSError, subprocess.SubprocessError):
             pass
     return f"harmoniad {__version__}"
+
+
+@contextlib.contextmanager
+def _immediate_transaction(con: sqlite3.Connection) -> Iterator[None]:
+    """One ``BEGIN IMMEDIATE`` transaction (the write lock taken at once): committed, or rolled back on any error."""
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        con.execute("COMMIT")
+    except BaseException:
+        if con.in_transaction:
+            con.execute("ROLLBACK")
+        raise
 
 
 def _now() -> str:

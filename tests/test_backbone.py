@@ -46,15 +46,6 @@ def offline(tmp_path, monkeypatch):
         monkeypatch.setattr(oc_pretrained, name, no_network)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model is far too small for intra-op threads; on a busy machine they only spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny() -> Backbone:
     return Backbone(TINY_BACKBONE, "cpu")

@@ -19,15 +19,6 @@ from harmoniad.features import FeatureCache
 from harmoniad.progress import Cancelled, ProgressEvent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model is far too small for intra-op threads; on a busy machine they only spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny() -> Backbone:
     return Backbone(TINY_BACKBONE, "cpu")

@@ -17,15 +17,6 @@ from harmoniad.frequency import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is fastest, and spinning OpenMP threads stall on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _feats(h: int = 8, w: int = 8, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(2, 5, h, w, generator=gen) * 3.0 + 1.0

@@ -26,15 +26,6 @@ from harmoniad.train import CheckpointInfo, TrainConfig, build_model, save_check
 SMALL = ModelConfig(hidden_dim=16, fsam_heads=2, gscm_heads=2, decoder_heads=2, fsam_window=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is fastest, and spinning OpenMP threads stall on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _grid(b: int = 3, h: int = 6, w: int = 6, branches: bool = True) -> GridMaps:
     gen = torch.Generator().manual_seed(0)
     maps = [torch.rand(b, h, w, generator=gen) for _ in range(3)]

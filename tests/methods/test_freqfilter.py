@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageDraw
 
 from harmoniad.data import load_dataset, make_synthetic, read_image
@@ -16,15 +14,6 @@ from harmoniad.methods.base import Context
 from harmoniad.methods.freqfilter import FreqFilterConfig, FrequencyFilter
 
 RES = 64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

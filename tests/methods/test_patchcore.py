@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -25,15 +24,6 @@ from harmoniad.methods.patchcore import (
 )
 
 RES = 64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(("n", "fraction"), [(1000, 0.1), (999, 0.1), (37, 0.25), (5, 0.01), (8, 1.0)])

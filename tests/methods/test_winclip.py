@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,15 +14,6 @@ from harmoniad.methods.base import Context
 from harmoniad.methods.winclip import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES, WinCLIP, WinCLIPConfig, prompts
 
 RES = 64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_prompts_compose_states_and_templates() -> None:

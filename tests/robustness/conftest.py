@@ -1,25 +1,15 @@
-"""Shared fixtures of the fault-matrix tests: one thread, a small clean synthetic dataset."""
+"""Shared fixtures of the fault-matrix tests: a small clean synthetic dataset, a damageable checkpoint copy."""
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from harmoniad.data import make_synthetic
 from harmoniad.progress import silent
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors on a busy 2-core box: one torch thread is the fastest."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from harmoniad.train import CONFIG_FILE, MODEL_FILE
 
 
 @pytest.fixture(scope="session")
@@ -33,3 +23,13 @@ def clean_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def dataset(clean_dataset: Path, tmp_path: Path) -> Path:
     """A private copy of :func:`clean_dataset`, free to damage."""
     return Path(shutil.copytree(clean_dataset, tmp_path / "syn", symlinks=True))
+
+
+@pytest.fixture
+def ckpt(checkpoint: Path, tmp_path: Path) -> Path:
+    """A private copy (weights + config) of the test module's ``checkpoint`` fixture, free to damage."""
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    for name in (MODEL_FILE, CONFIG_FILE):
+        (out / name).write_bytes((checkpoint / name).read_bytes())
+    return out

@@ -85,18 +85,7 @@ def _feats() -> list[torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.set_num_threads(1)
     return train(TensorSource(_feats()), None, MODEL, TRAIN, tmp_path_factory.mktemp("ckpt") / "run")
-
-
-@pytest.fixture
-def ckpt(checkpoint: Path, tmp_path: Path) -> Path:
-    """A private copy of the trained checkpoint, free to damage."""
-    out = tmp_path / "ckpt"
-    out.mkdir()
-    for name in (MODEL_FILE, CONFIG_FILE):
-        (out / name).write_bytes((checkpoint / name).read_bytes())
-    return out
 
 
 def _edit_config(ckpt: Path, edit) -> None:  # type: ignore[no-untyped-def]

@@ -26,20 +26,10 @@ MODEL = ModelConfig(hidden_dim=16, fsam_heads=2, gscm_heads=2, decoder_heads=2, 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real checkpoint of a tiny model on the tiny backbone's feature shapes."""
-    torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     feats = [torch.randn(4, 64, 16, 16, generator=gen) for _ in range(4)]
     cfg = TrainConfig(max_steps=2, batch_size=4, amp=False)
     return train(TensorSource(feats), TINY_BACKBONE, MODEL, cfg, tmp_path_factory.mktemp("ckpt") / "run")
-
-
-@pytest.fixture
-def ckpt(checkpoint: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "ckpt"
-    out.mkdir()
-    for name in (MODEL_FILE, CONFIG_FILE):
-        (out / name).write_bytes((checkpoint / name).read_bytes())
-    return out
 
 
 class _Payload:
