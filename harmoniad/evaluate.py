@@ -102,8 +102,8 @@ def evaluate(
     unknown = [m for m in [*request.methods, *request.options] if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
-    for name in request.methods:  # refuse bad options before any work starts
-        build_method(name, request.options.get(name))
+    # Built once, before any work starts: bad options are refused up front.
+    methods = [build_method(name, request.options.get(name)) for name in request.methods]
     main = distributed.is_main()
     # Under torchrun only rank 0 writes results and reports; the other ranks compute only.
     store = (store or ResultStore()) if main else None
@@ -116,11 +116,11 @@ def evaluate(
     screen = Screen(decode=distributed.active())  # ranks must agree up front: no retries
     device = distributed.device(request.device)
     if distributed.active():
-        _prefetch_features(request, screen.keep(train)[0], [build_method(n, request.options.get(n)) for n in request.methods], device, report)
+        _prefetch_features(request, screen.keep(train)[0], methods, device, report)
     outer = Progress("evaluate", len(request.methods) * (len(categories) + 1), report, min_interval_s=0)
     run_ids = []
-    for name in request.methods:
-        method = build_method(name, request.options.get(name))
+    mask_memo: dict[tuple[Path | None, ...], np.ndarray] = {}  # ground truth, read once for all methods
+    for name, method in zip(request.methods, methods):
         ctx = Context(
             resolution=request.resolution,
             device=device,
@@ -129,8 +129,8 @@ def evaluate(
             progress=_nested(report, name),
         )
         if store is None:  # a non-main rank: its share of the work goes to rank 0's run
-            _run_method(method, ctx, "", None, train, test, categories, request.resolution, outer,
-                        screen=screen, broken=loaded.broken)
+            _run_method(method, ctx, "", None, train, test, categories, outer,
+                        screen=screen, broken=loaded.broken, mask_memo=mask_memo)
             continue
         run_id = store.create_run(
             method=name,
@@ -144,8 +144,8 @@ def evaluate(
         )
         run_ids.append(run_id)
         try:
-            _run_method(method, ctx, run_id, store, train, test, categories, request.resolution, outer,
-                        screen=screen, broken=loaded.broken)
+            _run_method(method, ctx, run_id, store, train, test, categories, outer,
+                        screen=screen, broken=loaded.broken, mask_memo=mask_memo)
         except BaseException as exc:
             # Cancelled, KeyboardInterrupt or a bug: the run must never be left "running"
             # by a live process (the dashboard's thread), and never shown complete.
@@ -163,23 +163,23 @@ def _run_method(
     train: list[Sample],
     test: list[Sample],
     categories: list[str],
-    resolution: int,
     outer: Progress,
     *,
-    screen: Screen | None = None,
-    broken: Mapping[str, str] | None = None,
+    screen: Screen,
+    broken: Mapping[str, str],
+    mask_memo: dict[tuple[Path | None, ...], np.ndarray],
 ) -> None:
     """Fit once, then score and store each category; a failing category doesn't stop the rest.
 
     Unusable files are left out (``screen``) and listed with the run; ``broken`` categories
     (refused by the dataset reader) are recorded as failed with the reader's error.
+    ``mask_memo`` memoises ground-truth masks by the kept samples' mask paths, shared by methods
+    (normal images have no mask path; equal keys then mean equal all-zero masks).
 
     ``store`` is None on the non-main ranks of a torchrun job: they fit and predict their
     share, rank 0 records everything. Every rank takes the same branches (failures are
     agreed on collectively), so none waits forever at a collective.
     """
-    screen = screen or Screen()
-    broken = broken or {}
     try:
         error = None
         try:
@@ -210,7 +210,12 @@ def _run_method(
 
         def score(kept: list[Sample]) -> tuple[Prediction | None, np.ndarray | None]:
             pred = _predict(method, kept, ctx)
-            return pred, None if store is None else masks_at(kept, resolution)
+            if store is None:
+                return pred, None
+            key = tuple(s.mask_path for s in kept)
+            if key not in mask_memo:
+                mask_memo[key] = masks_at(kept, ctx.resolution)
+            return pred, mask_memo[key]
 
         try:
             (pred, masks), samples = screen.run(score, listed)
@@ -331,7 +336,7 @@ def _prefetch_features(
 
 
 def _provenance(cfg: BackboneConfig) -> dict:
-    """Backbone provenance without building the model when the weights are random."""
+    """Backbone provenance from its config alone (the model is not built)."""
     return resolve_spec(cfg).provenance()
 
 

@@ -159,15 +159,14 @@ def load_categories(
     broken: dict[str, str] = {}
     for category in chosen:
         try:
-            cat_train = load_dataset(dataset, root, [category], split="train")
-            cat_test = load_dataset(dataset, root, [category], split="test")
+            samples = load_dataset(dataset, root, [category], split="all")  # one read of the tree
         except DatasetError as exc:
             broken[category] = printable(str(exc))
             if len(broken) == len(chosen):
                 raise
             continue
-        train.extend(cat_train)
-        test.extend(cat_test)
+        train.extend(s for s in samples if s.split == "train")
+        test.extend(s for s in samples if s.split == "test")
     return LoadedDataset(train, test, broken)
 
 
