@@ -288,7 +288,7 @@ def _hash_weights_file(file: Path, missing: str) -> tuple[str, str]:
     """
     if not file.is_file():
         raise BackboneWeightsError(missing)
-    sha = file_sha256(file)
+    sha = memo_file_sha256(file)
     return sha, f"file-{sha[:16]}"
 
 
@@ -304,6 +304,31 @@ def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+# Process-wide memo for memo_file_sha256, keyed by (resolved path, size, mtime_ns). It is
+# module-level, not per object, because one evaluation builds many FeatureCache instances
+# (PatchCore, every HarmoniAD variant in training and in Scorer.from_checkpoint, ...) and
+# calls resolve_spec several times: each would otherwise re-hash every image and the local
+# weights file (~1.7 GB for ViT-L). A file's hash depends only on its bytes, so sharing is
+# safe; a rewrite changes size or mtime and misses the memo. Cleared when it grows past
+# _SHA_MEMO_MAX entries to stay bounded in long-lived processes (the dashboard).
+_SHA_MEMO: dict[tuple[str, int, int], str] = {}
+_SHA_MEMO_MAX = 200_000
+
+
+def memo_file_sha256(path: str | os.PathLike[str]) -> str:
+    """:func:`file_sha256`, remembered process-wide per (resolved path, size, mtime_ns)."""
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    digest = _SHA_MEMO.get(key)
+    if digest is None:
+        digest = file_sha256(path)
+        if len(_SHA_MEMO) >= _SHA_MEMO_MAX:
+            _SHA_MEMO.clear()
+        _SHA_MEMO[key] = digest
+    return digest
 
 
 def locate_pretrained(model: str, tag: str, *, allow_download: bool = False) -> Path:

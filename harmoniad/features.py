@@ -21,11 +21,22 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 
 from harmoniad.atomic import atomic_write_bytes
-from harmoniad.backbone import Backbone, BackboneConfig, BackboneSpec, file_sha256, resolve_spec
+from harmoniad.backbone import (
+    Backbone,
+    BackboneConfig,
+    BackboneSpec,
+    memo_file_sha256,
+    resolve_spec,
+)
 from harmoniad.data import read_image
 from harmoniad.distributed import active as distributed_active
 from harmoniad.distributed import all_reduce_sum, is_main, raise_if_any_failed, shard
-from harmoniad.fastpath import AdaptiveBatch, batch_len, decoded_batches, default_workers
+from harmoniad.fastpath import (
+    AdaptiveBatch,
+    batch_len,
+    decoded_batches,
+    default_workers,
+)
 from harmoniad.paths import cache_dir
 from harmoniad.progress import Progress, ProgressFn, silent
 
@@ -76,7 +87,6 @@ class FeatureCache:
         # Starts at batch_size and halves on CUDA out-of-memory (the smaller size then sticks).
         self._chunks = AdaptiveBatch(batch_size)
         self._shapes = self.spec.feature_shapes
-        self._digests: dict[tuple[str, int, int], str] = {}
 
     # -- facts -------------------------------------------------------------------------------
     @property
@@ -181,16 +191,16 @@ class FeatureCache:
         return self.directory / digest[:2] / f"{digest}.safetensors"
 
     def _digest(self, path: Path) -> str:
-        """sha256 of the image bytes, remembered per (path, size, mtime) for this cache."""
+        """sha256 of the image bytes, remembered process-wide per (path, size, mtime).
+
+        The memo (:func:`memo_file_sha256`) is shared by all caches, not kept per instance:
+        an evaluation builds many FeatureCache objects over the same images, and the hash
+        does not depend on the backbone.
+        """
         try:
-            st = path.stat()
+            return memo_file_sha256(path)
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no such image file") from None
-        memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-        digest = self._digests.get(memo)
-        if digest is None:
-            digest = self._digests[memo] = file_sha256(path)
-        return digest
 
     def _unique(self, paths: Sequence[PathLike]) -> dict[str, Path]:
         unique: dict[str, Path] = {}

@@ -381,7 +381,7 @@ def _load_state(path: Path, model: HarmoniAD, optimizer: torch.optim.Optimizer, 
     try:
         with safe_open(str(path), framework="pt") as fh:
             header = json.loads((fh.metadata() or {})["harmoniad"])
-        tensors = load_file(str(path))
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
     except Exception as exc:  # noqa: BLE001 - any unreadable state is reported the same way
         raise CheckpointError(
             f"{path}: unreadable training state ({type(exc).__name__}: {exc}); delete it to restart"
