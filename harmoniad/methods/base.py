@@ -18,6 +18,19 @@ from harmoniad.data import Sample
 from harmoniad.progress import ProgressFn, silent
 
 
+def single_category(test: list[Sample], who: str) -> str:
+    """The one category of ``test``; ``ValueError`` (naming ``who``) if it is empty or mixes categories.
+
+    ``predict`` is called one category at a time, so every method checks this the same way.
+    """
+    if not test:
+        raise ValueError(f"{who}.predict: no test samples given")
+    categories = {s.category for s in test}
+    if len(categories) != 1:
+        raise ValueError(f"{who}.predict expects samples of one category, got {sorted(categories)}")
+    return categories.pop()
+
+
 @dataclass
 class Prediction:
     """Scores and maps for N test images, maps at the evaluation resolution.

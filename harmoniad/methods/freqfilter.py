@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from harmoniad.config import to_dict
 from harmoniad.data import Sample, read_image
 from harmoniad.inference import gaussian_blur, image_scores
-from harmoniad.methods.base import Context, Method, Prediction
+from harmoniad.methods.base import Context, Method, Prediction, single_category
 from harmoniad.progress import Progress
 
 _GRAY_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32) / 255.0  # ITU-R BT.601 luma, to [0, 1]
@@ -89,12 +89,7 @@ class FrequencyFilter(Method):
         self._resolution = ctx.resolution
 
     def predict(self, test: list[Sample], ctx: Context) -> Prediction:
-        if not test:
-            raise ValueError("FrequencyFilter.predict: no test samples given")
-        categories = {s.category for s in test}
-        if len(categories) != 1:
-            raise ValueError(f"FrequencyFilter.predict expects samples of one category, got {sorted(categories)}")
-        category = categories.pop()
+        category = single_category(test, "FrequencyFilter")
         if category not in self._stats:
             raise RuntimeError(
                 f"FrequencyFilter has no statistics for category {category!r}; "

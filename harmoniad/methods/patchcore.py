@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from harmoniad.config import to_dict
 from harmoniad.data import Sample
 from harmoniad.features import FeatureCache
-from harmoniad.inference import gaussian_blur, upsample
-from harmoniad.methods.base import Context, Method, Prediction
+from harmoniad.inference import resize_and_blur
+from harmoniad.methods.base import Context, Method, Prediction, single_category
 from harmoniad.progress import Progress, ProgressFn
 
 _ALL = "*"  # bank key of the multi-class bank
@@ -196,18 +196,13 @@ class PatchCore(Method):
         self._fitted_backbone = ctx.backbone
 
     def predict(self, test: list[Sample], ctx: Context) -> Prediction:
-        if not test:
-            raise ValueError(f"{self.name}.predict: no test samples given")
+        category = single_category(test, self.name)
         if not self._banks:
             raise RuntimeError(f"{self.name}.predict called before fit")
         if ctx.backbone != self._fitted_backbone:
             raise ValueError(
                 f"{self.name} was fitted with backbone {self._fitted_backbone}, asked to use {ctx.backbone}"
             )
-        categories = {s.category for s in test}
-        if len(categories) != 1:
-            raise ValueError(f"{self.name}.predict expects samples of one category, got {sorted(categories)}")
-        category = categories.pop()
         key = category if self.cfg.per_category else _ALL
         if key not in self._banks:
             raise RuntimeError(
@@ -218,7 +213,7 @@ class PatchCore(Method):
         n, h, w, d = patches.shape
         grid = nearest_distances(patches.reshape(-1, d), bank).reshape(n, h, w)
         scores = grid.flatten(1).max(dim=1).values.cpu().numpy()
-        maps = gaussian_blur(upsample(grid, ctx.resolution), self.cfg.map_sigma)
+        maps = resize_and_blur(grid, ctx.resolution, self.cfg.map_sigma)
         return Prediction(scores=scores, maps=maps.cpu().numpy())
 
     def _feature_cache(self, ctx: Context) -> FeatureCache:

@@ -20,8 +20,8 @@ from harmoniad.backbone import Backbone
 from harmoniad.config import to_dict
 from harmoniad.data import Sample, read_image
 from harmoniad.device import autocast
-from harmoniad.inference import gaussian_blur, upsample
-from harmoniad.methods.base import Context, Method, Prediction
+from harmoniad.inference import resize_and_blur
+from harmoniad.methods.base import Context, Method, Prediction, single_category
 from harmoniad.progress import Progress
 
 # State words of WinCLIP's compositional prompt ensemble ("{}" is the object name).
@@ -123,13 +123,9 @@ class WinCLIP(Method):
         """Zero-shot: nothing is learned from the training images."""
 
     def predict(self, test: list[Sample], ctx: Context) -> Prediction:
-        if not test:
-            raise ValueError("WinCLIP.predict: no test samples given")
-        categories = {s.category for s in test}
-        if len(categories) != 1:
-            raise ValueError(f"WinCLIP.predict expects samples of one category, got {sorted(categories)}")
+        category = single_category(test, "WinCLIP")
         backbone = self._get_backbone(ctx)
-        text = self.text_embeddings(categories.pop(), ctx)  # 2 x D: normal, abnormal
+        text = self.text_embeddings(category, ctx)  # 2 x D: normal, abnormal
         h, w = backbone.grid
         progress = Progress("winclip", len(test), ctx.progress)
         grids, cls_scores = [], []
@@ -143,7 +139,7 @@ class WinCLIP(Method):
             progress.update(len(batch))
         grid = torch.cat(grids)
         scores = torch.cat(cls_scores) if cls_scores else grid.flatten(1).amax(dim=1)
-        maps = gaussian_blur(upsample(grid, ctx.resolution), self.cfg.map_sigma)
+        maps = resize_and_blur(grid, ctx.resolution, self.cfg.map_sigma)
         return Prediction(scores=scores.float().cpu().numpy(), maps=maps.cpu().numpy())
 
     def abnormal_probability(self, tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
