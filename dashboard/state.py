@@ -7,17 +7,15 @@ case opens the same run and image in another page.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 
 from dashboard import nav
-from harmoniad.paths import cache_dir
+from harmoniad.paths import store_dir
 from harmoniad.store import ResultStore, RunDataMissing, RunInfo, RunNotFound
 
-STORE_ENV = "HARMONIAD_STORE"
 RUN_KEY = "run_id"
 IMAGE_KEY = "image_index"
 #: What to do when a run's files are gone (shown by every page that reads them).
@@ -27,7 +25,7 @@ MISSING_FILES_HELP = ("Its files were deleted or moved. Delete the run on the Ov
 
 def store_path() -> Path:
     """The run store folder: ``$HARMONIAD_STORE`` or ``<cache>/runs``."""
-    return Path(os.environ.get(STORE_ENV, cache_dir() / "runs"))
+    return store_dir()
 
 
 @st.cache_resource(show_spinner=False)

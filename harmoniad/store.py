@@ -1,6 +1,6 @@
 """The results store: every evaluation run, reproducible and quick to reload.
 
-Layout under ``root`` (default ``cache_dir()/"runs"``)::
+Layout under ``root`` (default ``harmoniad.paths.store_dir()``)::
 
     index.sqlite                         runs + per-category metrics (SQLite, WAL)
     <run_id>/images/<category>-<tok>.parquet   per-image table of one category
@@ -58,7 +58,7 @@ import pyarrow.parquet as pq
 
 from harmoniad import __version__
 from harmoniad.atomic import atomic_path, atomic_write_bytes, atomic_write_text
-from harmoniad.paths import REPO_ROOT, cache_dir
+from harmoniad.paths import REPO_ROOT, store_dir
 
 #: 2 added ``skipped_files``; a version-1 index is upgraded in place (tables are only added).
 SCHEMA_VERSION = 2
@@ -203,7 +203,7 @@ class ResultStore:
     ) -> None:
         if map_precision not in ("float16", "uint8"):
             raise ValueError(f"map_precision must be 'float16' or 'uint8', got {map_precision!r}")
-        self.root = Path(path) if path is not None else cache_dir() / "runs"
+        self.root = Path(path) if path is not None else store_dir()
         self.db_path = self.root / "index.sqlite"
         self.map_precision: MapPrecision = map_precision
         self.timeout_s = timeout_s

@@ -399,3 +399,11 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
         con.execute("PRAGMA user_version = 99")
     with pytest.raises(Exception, match="schema version 99 is newer"):
         ResultStore(tmp_path)
+
+
+def test_default_location_follows_harmoniad_store_then_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HARMONIAD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HARMONIAD_STORE", raising=False)
+    assert ResultStore().root == tmp_path / "cache" / "runs"
+    monkeypatch.setenv("HARMONIAD_STORE", str(tmp_path / "elsewhere"))
+    assert ResultStore().root == tmp_path / "elsewhere"
