@@ -70,10 +70,6 @@ def method_kind(method: str) -> str:
     return spec.kind if spec is not None else "baseline"
 
 
-def to_percent(value: float) -> float:
-    return float(value) * 100.0
-
-
 # ----------------------------------------------------------------------------- run choice
 
 

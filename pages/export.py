@@ -17,9 +17,6 @@ import streamlit as st
 from dashboard import charts, nav, state
 from harmoniad.store import METRIC_COLUMNS, RunDataMissing, RunInfo
 
-MISSING_FILES = ("The run's per-image files are missing (deleted or moved). Per-category metrics live in the "
-                 "index and can still be exported; delete the run on the Overview page or evaluate again.")
-
 
 @st.cache_data(show_spinner=False, max_entries=16)
 def _export_files(store_path: str, run_id: str, updated: str) -> dict[str, bytes]:
@@ -46,10 +43,8 @@ def _chart(info: RunInfo) -> tuple[go.Figure, str] | None:
                               key="export_metric")
         table = charts.comparison_table({info.id: state.run_metrics(info)}, {info.id: charts.method_label(info.method)})
         return charts.category_bars(table, metric), f"{info.id}_{metric}_bars"
-    try:
-        images = state.run_images(info)
-    except RunDataMissing:
-        st.error(MISSING_FILES)
+    images = state.readable_run_images(info)
+    if images is None:
         return None
     if images.empty:
         st.info("This run stored no per-image scores.")
@@ -107,7 +102,8 @@ def main() -> None:
     try:
         files = _export_files(str(state.store_path()), info.id, info.updated)
     except RunDataMissing as exc:
-        st.error(f"{MISSING_FILES}\n\n{exc}")
+        st.error(f"This run's per-image files are missing: {exc}. {state.MISSING_FILES_HELP} Its per-category "
+                 "metrics live in the index and can still be exported.")
         c1.download_button("Per-category metrics (CSV)", _metrics_csv(info), file_name=f"{info.id}_metrics.csv",
                            mime="text/csv", key="export_metrics_only", icon=":material/table:")
     else:

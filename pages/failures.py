@@ -36,13 +36,20 @@ def _open_in_inspect(info: RunInfo, image_index: int) -> None:
 
 
 def _maps(info: RunInfo, rows: pd.DataFrame) -> dict[int, dict]:
-    """Maps of the shown images only (cached per image); missing ones are left out."""
+    """Maps of the shown images only (cached per image); missing ones are left out.
+
+    When the run's maps cannot be read at all, says so once and returns what was read.
+    """
     out = {}
     for index in rows["index"]:
         try:
             out[int(index)] = state.image_maps(info, int(index))
-        except (RunDataMissing, IndexError):
+        except IndexError:
             continue
+        except RunDataMissing as exc:
+            st.error(f"This run's maps cannot be read, so the thumbnails show the images only: {exc}. "
+                     f"{state.MISSING_FILES_HELP}")
+            break
     return out
 
 
@@ -55,6 +62,8 @@ def _picture(row: pd.Series, maps: dict | None, scale: tuple[float, float] | Non
         base = None
     if base is not None and (not with_map or maps is None):
         return base, ""
+    if not with_map:
+        return None, "image file missing"
     if maps is None:
         return None, "image file and maps missing"
     lo, hi = scale or (None, None)
@@ -128,15 +137,13 @@ def main() -> None:
                    "still listed, marked green: they are the closest calls.")
     maps: dict[int, dict] = {}
     scale = None
-    try:
-        state.image_maps(info, int(rows["index"].iloc[0]))
-    except RunDataMissing as exc:
-        st.error(f"This run's maps cannot be read, so the thumbnails show the images only: {exc}. "
-                 f"{state.MISSING_FILES_HELP}")
-    else:
-        maps = _maps(info, pd.concat([alarms, misses]))
-        scale = charts.map_range([m["anomaly"] for m in maps.values()])
-        if with_map:
+    if with_map:
+        loaded = _maps(info, pd.concat([alarms, misses]))
+        maps = {index: m for index, m in loaded.items() if m.get("anomaly") is not None}
+        if loaded and not maps:
+            st.warning("This run stored no anomaly maps, only image scores: there is nothing to overlay.")
+        elif maps:
+            scale = charts.map_range([m["anomaly"] for m in maps.values()])
             st.caption("Anomaly maps share one colour scale across both galleries (dark = normal, bright = "
                        "anomalous); the green outline is the ground truth.")
     st.subheader(f"False alarms: highest-scoring normal images ({len(alarms)} of {n_normal})")

@@ -55,9 +55,14 @@ def _sample(rows: pd.DataFrame) -> tuple[int, ...]:
 
 
 @st.cache_data(show_spinner="Reading a sample of this category's maps...", max_entries=64)
-def _category_scale(_info: RunInfo, run_id: str, updated: str, indices: tuple[int, ...]) -> dict:
-    """Default pixel threshold and per-map colour ranges of a category, from sampled maps."""
-    maps = [state.image_maps(_info, i) for i in indices]
+def _category_scale(run_id: str, updated: str, indices: tuple[int, ...]) -> dict:
+    """Default pixel threshold and per-map colour ranges of a category, from sampled maps.
+
+    The sample is read straight from the store, not through the per-image map cache: this
+    result is cached already, and the sample would only crowd out the images people view.
+    """
+    store = state.get_store()
+    maps = [store.load_maps(run_id, i) for i in indices]
     ranges = {name: charts.map_range([m[name] for m in maps if name in m]) for name, _, _ in BRANCHES
               if any(name in m for m in maps)}
     anomaly = np.stack([m["anomaly"] for m in maps])
@@ -176,10 +181,7 @@ def _panel(column: DeltaGenerator, picture: np.ndarray, caption: str) -> None:
     column.image(picture, caption=caption, width="stretch")
 
 
-def _maps_section(info: RunInfo, row: pd.Series, maps: dict, base: np.ndarray | None, scale: dict) -> None:
-    mask = maps.get("mask")
-    if mask is None:
-        mask = np.zeros(maps["anomaly"].shape, dtype=bool)
+def _maps_section(info: RunInfo, maps: dict, mask: np.ndarray, base: np.ndarray | None, scale: dict) -> None:
     c1, c2, c3 = st.columns([2, 2, 3], vertical_alignment="bottom")
     opacity = c1.slider("Map opacity", 0.0, 1.0, 0.5, 0.05, key="inspect_opacity",
                         help="0 shows the image only, 1 the map only.")
@@ -209,12 +211,10 @@ def _maps_section(info: RunInfo, row: pd.Series, maps: dict, base: np.ndarray | 
                f"{info.resolution}x{info.resolution} evaluation resolution.")
 
 
-def _threshold_section(info: RunInfo, category: str, maps: dict, base: np.ndarray | None, scale: dict) -> None:
+def _threshold_section(info: RunInfo, category: str, maps: dict, mask: np.ndarray, base: np.ndarray | None,
+                       scale: dict) -> None:
     st.subheader("Threshold")
     anomaly = maps["anomaly"]
-    mask = maps.get("mask")
-    if mask is None:
-        mask = np.zeros(anomaly.shape, dtype=bool)
     # One fixed range per category (a slider whose bounds move would reset): the sampled maps' range.
     lo, hi = scale["ranges"]["anomaly"]
     key = f"inspect_threshold_{info.id}_{category}"
@@ -270,13 +270,16 @@ def main() -> None:
             st.warning("This run stored no anomaly maps, only image scores: there is nothing to overlay.")
             maps = None
         else:
-            scale = _category_scale(info, info.id, info.updated, _sample(rows))
+            scale = _category_scale(info.id, info.updated, _sample(rows))
     except RunDataMissing as exc:
         st.error(f"This run's maps cannot be read: {exc}. {state.MISSING_FILES_HELP}")
         maps = None
     if maps is not None:
-        _maps_section(info, row, maps, base, scale)
-        _threshold_section(info, str(row["category"]), maps, base, scale)
+        mask = maps.get("mask")
+        if mask is None:
+            mask = np.zeros(maps["anomaly"].shape, dtype=bool)
+        _maps_section(info, maps, mask, base, scale)
+        _threshold_section(info, str(row["category"]), maps, mask, base, scale)
 
     st.subheader("Score against the category")
     st.plotly_chart(charts.score_histogram(rows["score"].to_numpy(), rows["label"].to_numpy(),

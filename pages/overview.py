@@ -17,7 +17,6 @@ from harmoniad.published import published_results, side_by_side
 from harmoniad.store import METRIC_COLUMNS, RunNotFound, RunStateError
 
 PUBLISHED_DATASETS = {"mvtec": "MVTec AD", "visa": "VisA", "btad": "BTAD"}
-STATUS_ICONS = {"complete": "complete", "running": "running", "failed": "failed"}
 FLASH_KEY = "_overview_flash"
 
 
@@ -103,10 +102,6 @@ def _runs_section(runs: pd.DataFrame) -> None:
     st.caption(f"{len(shown)} of {len(runs)} runs shown.")
 
 
-def _leaderboard_runs(runs: pd.DataFrame, dataset: str) -> list[str]:
-    return charts.latest_runs(runs, dataset=dataset)
-
-
 def _leaderboard(metrics: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Method x category table of ``metric`` in percent, plus the mean over stored categories."""
     ok = metrics[metrics["status"] == "ok"]
@@ -142,7 +137,7 @@ def _leaderboard_section(runs: pd.DataFrame) -> str | None:
     dataset = c1.selectbox("Dataset", datasets, key="ov_dataset")
     metric = c2.selectbox("Metric", list(METRIC_COLUMNS), format_func=charts.METRIC_LABELS.__getitem__,
                           key="ov_metric")
-    ids = _leaderboard_runs(complete, dataset)
+    ids = charts.latest_runs(complete, dataset=dataset)
     metrics = state.get_store().metrics_table(dataset=dataset)
     metrics = metrics[metrics["run_id"].isin(ids)]
     if metrics.empty:

@@ -254,8 +254,10 @@ def _job_section() -> None:
     jobs.show_job(job, key="run")
     if snap.running:
         return
-    store = state.get_store()
-    done = [r for r in snap.run_ids if store.get_run(r).complete] if snap.run_ids else []
+    done: list[str] = []
+    if snap.run_ids:
+        complete = set(state.list_runs(status="complete")["id"])
+        done = [r for r in snap.run_ids if r in complete]
     flag = f"_run_job_selected_{job.id}"
     if done and not st.session_state.get(flag):
         st.session_state[flag] = True
