@@ -111,6 +111,7 @@ def test_decoding_workers_give_the_same_batches_as_threads(tmp_path):
     for a, b in zip(threads, workers):
         a = a if isinstance(a, list) else list(a.numpy())
         b = b if isinstance(b, list) else list(b.numpy())
+        assert len(a) == len(b)
         assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
 

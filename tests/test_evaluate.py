@@ -136,6 +136,7 @@ def test_bad_requests_are_refused_before_any_work(dataset: Path, tmp_path: Path,
 
 def test_masks_at_resizes_ground_truth_and_zero_fills_normals(dataset: Path) -> None:
     samples = load_dataset("synthetic", dataset, ["weave"])
+    assert samples
     masks = masks_at(samples, 32)
     assert masks.shape == (len(samples), 32, 32) and masks.dtype == bool
     for sample, mask in zip(samples, masks):
