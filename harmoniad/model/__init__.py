@@ -1,31 +1,29 @@
-"""The HarmoniAD network: frequency split, FSAM (high band), GSCM (low band), fusion and decoder."""
+"""The HarmoniAD network: target normalisation, frequency split, FSAM (high band), GSCM (low band), fusion."""
 
 from harmoniad.model.network import (
-    BandHead,
-    GatedFusion,
+    Branch,
     GridMaps,
     HarmoniAD,
-    LayerInput,
     Losses,
     ModelConfig,
     ModelOutput,
-    cosine_distance,
+    Normaliser,
+    band_loss,
     parameter_counts,
-    relative_band_distance,
-    split_reconstruction,
+    position_distance,
+    token_noise,
 )
 
 __all__ = [
-    "BandHead",
-    "GatedFusion",
+    "Branch",
     "GridMaps",
     "HarmoniAD",
-    "LayerInput",
     "Losses",
     "ModelConfig",
     "ModelOutput",
-    "cosine_distance",
+    "Normaliser",
+    "band_loss",
     "parameter_counts",
-    "relative_band_distance",
-    "split_reconstruction",
+    "position_distance",
+    "token_noise",
 ]

@@ -1,54 +1,54 @@
-"""HarmoniAD: frequency split, FSAM and GSCM branches, fusion, noisy bottleneck, reconstruction.
+"""HarmoniAD: per-layer target normalisation, frequency split, band-supervised FSAM and GSCM, fusion.
 
 DESIGN section 2, steps 2-8. The input is the list of frozen encoder maps ``F_l``
-(B x C x h x w, one per chosen backbone block). Data flow:
+(B x C x h x w, one per chosen backbone block, ``l = 1..L``). Data flow:
 
-1. split every ``F_l`` into ``F_low_l + F_high_l`` (``harmoniad.model.frequency``);
-2. per branch, project every layer (LayerNorm + Linear, C -> D) and average the layers
-   into one token map; light dropout on it (``input_dropout``) keeps the branch from
-   copying its input;
-3. FSAM on the high tokens, GSCM on the low tokens;
-4. fusion: a gated sum ``g * Wh(high) + (1 - g) * Wl(low)``, ``g`` per position and
-   channel; then the noisy bottleneck (``bottleneck_dropout``, training only) and a small
-   global decoder (``decoder_depth`` context blocks) that has to fill in what was dropped;
-5. per-layer heads (D -> C) reconstruct every ``F_l`` from the decoder output (``R_l``);
-   band reconstructions of ``F_high_l`` and ``F_low_l`` come from where
-   ``high_source`` / ``low_source`` say (below).
+1. **normalise** every layer per channel with statistics of the training normals
+   (``X_l = (F_l - mu_l) / sigma_l``; ``mu``, ``sigma`` are buffers fitted once before
+   training by :meth:`HarmoniAD.fit_normalisation` and stored in the checkpoint). CLIP
+   block outputs have a few channels hundreds of times larger than the rest; after this no
+   channel dominates a squared error or a cosine;
+2. **split** every ``X_l = X_low_l + X_high_l`` (``harmoniad.model.frequency``, low-pass below
+   ``cutoff``);
+3. per branch, **project** each layer's band (Linear, C -> D), average over layers, and make
+   the input **noisy** in training only (Dinomaly's noisy bottleneck): Gaussian feature noise
+   of std ``feature_noise`` on the normalised band, whole tokens dropped with probability
+   ``token_dropout``, then element dropout ``bottleneck_dropout``. A branch therefore has to
+   rebuild a token from its normal context instead of copying it, which is what makes an
+   anomalous token come back "normal" at test time;
+4. **FSAM** (windowed attention, edge convolution, channel gate; ``fsam_depth`` blocks) on the
+   high tokens and **GSCM** (global linear attention; ``gscm_depth`` blocks) on the low tokens
+   are the two decoders; per-layer heads (D -> C) give ``R_high_l`` and ``R_low_l``.
 
-Maps, averaged over layers: the anomaly map is ``1 - cos(R, F)`` per position; the two
-branch maps compare the band reconstructions with ``F_high`` and ``F_low``.
+Losses (step 8), each branch against its own band, weights in the config::
 
-Band sources (``high_source``, ``low_source``): a band reconstruction is
+    L = w_high * mean_l D(R_high_l, X_high_l) + w_low * mean_l D(R_low_l, X_low_l)
 
-- ``"split"`` (default for the high band): the frequency split of the main reconstruction
-  ``R`` itself, so the map shows the anomaly map's own error in that band; no parameters;
-- ``"decoder"`` (default for the low band): a band head on the decoder output (after the
-  noisy bottleneck and the context decoder, so it sees the fused context);
-- ``"branch_decoder"``: per band, a noisy bottleneck and ``branch_decoder_depth`` context
-  blocks of its own on that branch's output, then heads;
-- ``"branch"``: heads straight on each branch's output (the first design).
+with ``D`` the per-position distance ``distance`` (:func:`position_distance`): ``"mse"``,
+the mean over channels of the squared error of normalised features (every channel has unit
+variance, so none dominates); ``"group_cos"``, ``1 - cos`` averaged over ``cos_groups``
+channel groups (Dinomaly's loose cosine); with ``hard_mining_fraction < 1`` only the hardest
+fraction of positions per layer enters the mean (hard-point mining).
 
-Band distance (``high_distance``, ``low_distance``): ``"cos"`` is ``1 - cos(R_band,
-F_band)``; ``"relative"`` is ``0.5 * |R_band - F_band / |F||^2`` with the band
-reconstruction in units of ``|F|``, the same normalised error as ``1 - cos`` restricted to
-one band. The high band is zero-mean over the image, so its norm swings from position to
-position and a plain cosine there mostly measures noise where the band is weak (measured:
-near chance or inverted, whatever the source); the low band carries the mean feature,
-where the cosine is well conditioned and measured better than the relative distance. Hence
-the defaults: relative for the high band, cosine for the low band. The branch losses use
-the same distances as the maps. ``benchmarks/bench_branch_maps.py`` measures every
-combination; on its dev set the sources differ little once the distance is right, and the
-default pair had the best worst-category low map.
+Maps (step 6), at grid resolution, averaged over layers::
 
-Ablations are config values: ``split=False`` feeds the unsplit ``F`` to the branches and
-has no band reconstructions, losses or maps; ``branches="high"`` / ``"low"`` keeps one
-branch, whose output then goes to the bottleneck alone (no gate) and whose band map is the
-only one.
+    high map  M_h = mean_l D(R_high_l, X_high_l)        low map  M_l = mean_l D(R_low_l, X_low_l)
+    anomaly   A   = fuse(z_h, z_l),  z_b = (M_b - m_b) / s_b
+
+``m_b``, ``s_b`` are the mean and standard deviation of each branch map over the training
+normals, measured after training (:meth:`HarmoniAD.calibrate`, stored in the checkpoint):
+the fusion is learned on normal data only. ``fusion="mean"`` averages the two standardised
+maps, ``"max"`` takes the larger (a defect in either band raises the anomaly map).
+
+Ablations are config values: ``split=False`` feeds both branches the whole normalised
+features and makes both reconstruct them; ``branches="high"`` / ``"low"`` keeps one branch,
+whose standardised map is then the anomaly map.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -57,12 +57,13 @@ from torch import nn
 
 from harmoniad.model.frequency import FrequencySplit
 from harmoniad.model.fsam import FSAM
-from harmoniad.model.gscm import GSCM, ContextBlock
+from harmoniad.model.gscm import GSCM
 from harmoniad.model.layers import map_to_tokens, noisy_dropout
 
 Branches = Literal["both", "high", "low"]
-BandSource = Literal["split", "decoder", "branch_decoder", "branch"]
-BandDistance = Literal["relative", "cos"]
+Distance = Literal["mse", "group_cos"]
+Fusion = Literal["mean", "max"]
+BANDS = ("high", "low")
 
 
 @dataclass(frozen=True)
@@ -70,65 +71,66 @@ class ModelConfig:
     """Every design choice of the HarmoniAD heads, so the dashboard can ablate any of them.
 
     Defaults are sized for CPU: the heads cost well under a quarter of a ViT-B/16 forward.
+    The noise, cutoff, distance and fusion defaults were chosen on the synthetic dev seeds
+    (``benchmarks/bench_branch_maps.py --seed 1``; see the README's method section).
     """
 
     hidden_dim: int = 256
-    # Frequency split (DESIGN step 2).
+    # Target normalisation (step 1).
+    normalize: bool = True
+    # Frequency split (step 2).
     split: bool = True
     cutoff: float = 0.25
     soft_edge: float = 0.0
     learnable_cutoff: bool = False
     branches: Branches = "both"
-    # FSAM, high branch (step 3).
-    fsam_depth: int = 1
+    # Noisy bottleneck (step 3), training only.
+    feature_noise: float = 0.5
+    token_dropout: float = 0.2
+    bottleneck_dropout: float = 0.1
+    # Absolute position code on the branch inputs: where a part should be (missing / displaced parts).
+    pos_embed: bool = False
+    # FSAM, high branch (step 4).
+    fsam_depth: int = 2
     fsam_heads: int = 4
     fsam_window: int = 7
     fsam_kernel: int = 3
     fsam_gate_reduction: int = 4
     # GSCM, low branch (step 4).
-    gscm_depth: int = 1
+    gscm_depth: int = 2
     gscm_heads: int = 4
     gscm_pos_conv: bool = True
     mlp_ratio: float = 2.0
-    # Fusion, noisy bottleneck, decoder (step 5).
-    input_dropout: float = 0.1
-    bottleneck_dropout: float = 0.2
-    decoder_depth: int = 1
-    decoder_heads: int = 4
-    # Branch maps (step 6): where each band's reconstruction comes from, and how its map
-    # compares it with F_high / F_low (see the module docstring; measured choices).
-    high_source: BandSource = "split"
-    low_source: BandSource = "decoder"
-    high_distance: BandDistance = "relative"
-    low_distance: BandDistance = "cos"
-    branch_decoder_depth: int = 1  # context blocks of a "branch_decoder" band head
-    # Loss (step 8).
+    # Loss and maps (steps 6, 8).
+    distance: Distance = "mse"
+    cos_groups: int = 4
     hard_mining_fraction: float = 1.0
-    high_loss_weight: float = 0.5
-    low_loss_weight: float = 0.5
+    high_loss_weight: float = 1.0
+    low_loss_weight: float = 1.0
+    fusion: Fusion = "mean"
+    fusion_quantile: float = 0.99
+    fusion_high_weight: float = 0.5
 
     def __post_init__(self) -> None:
         if self.branches not in ("both", "high", "low"):
             raise ValueError(f"branches must be 'both', 'high' or 'low', got {self.branches!r}")
         for name in ("hidden_dim", "fsam_depth", "fsam_heads", "fsam_window", "fsam_kernel", "gscm_depth",
-                     "gscm_heads", "decoder_heads", "fsam_gate_reduction"):
+                     "gscm_heads", "fsam_gate_reduction", "cos_groups"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.decoder_depth < 0:
-            raise ValueError(f"decoder_depth must be >= 0, got {self.decoder_depth}")
-        for name in ("high_source", "low_source"):
-            if getattr(self, name) not in ("split", "decoder", "branch_decoder", "branch"):
-                raise ValueError(
-                    f"{name} must be 'split', 'decoder', 'branch_decoder' or 'branch', got {getattr(self, name)!r}"
-                )
-        for name in ("high_distance", "low_distance"):
-            if getattr(self, name) not in ("relative", "cos"):
-                raise ValueError(f"{name} must be 'relative' or 'cos', got {getattr(self, name)!r}")
-        if self.branch_decoder_depth < 0:
-            raise ValueError(f"branch_decoder_depth must be >= 0, got {self.branch_decoder_depth}")
-        for name in ("input_dropout", "bottleneck_dropout"):
+        if self.distance not in ("mse", "group_cos"):
+            raise ValueError(f"distance must be 'mse' or 'group_cos', got {self.distance!r}")
+        if self.fusion not in ("mean", "max"):
+            raise ValueError(f"fusion must be 'mean' or 'max', got {self.fusion!r}")
+        for name in ("token_dropout", "bottleneck_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 <= self.fusion_high_weight <= 1.0:
+            raise ValueError(f"fusion_high_weight must be in [0, 1], got {self.fusion_high_weight}")
+        if not 0.5 < self.fusion_quantile < 1.0:
+            raise ValueError(f"fusion_quantile must be in (0.5, 1), got {self.fusion_quantile}")
+        if self.feature_noise < 0:
+            raise ValueError(f"feature_noise must be >= 0, got {self.feature_noise}")
         if not 0.0 < self.hard_mining_fraction <= 1.0:
             raise ValueError(f"hard_mining_fraction must be in (0, 1], got {self.hard_mining_fraction}")
         if self.cutoff < 0 or self.soft_edge < 0 or self.mlp_ratio <= 0:
@@ -149,25 +151,19 @@ class ModelConfig:
 
 @dataclass
 class ModelOutput:
-    """Reconstructions and their targets per layer, in token layout ``B x (h*w) x C`` on ``grid``.
+    """Band reconstructions and their targets per layer, in token layout ``B x (h*w) x C`` on ``grid``.
 
-    Tokens (row-major over the grid) are the layout every head works in; ``layers.tokens_to_map``
-    gives the ``B x C x h x w`` view. Branch entries are None where the branch (or the split)
-    is switched off. Targets are float32; reconstructions are in the compute dtype (bf16
-    under autocast). A band reconstruction compared by the ``"relative"`` distance
-    (``high_distance``/``low_distance``) is in units of ``|F|`` per position: it estimates
-    ``F_band / |F|``, not ``F_band``.
+    ``target`` is the normalised input ``X_l``; ``target_high``/``target_low`` its bands (both
+    equal to ``target`` when the split is off). Entries of an absent branch are None.
+    Targets are float32; reconstructions are in the compute dtype (bf16 under autocast).
     """
 
     grid: tuple[int, int]
-    recon: list[torch.Tensor]
     target: list[torch.Tensor]
     recon_high: list[torch.Tensor] | None = None
     target_high: list[torch.Tensor] | None = None
     recon_low: list[torch.Tensor] | None = None
     target_low: list[torch.Tensor] | None = None
-    high_distance: BandDistance = "cos"
-    low_distance: BandDistance = "cos"
 
 
 @dataclass
@@ -184,150 +180,130 @@ class Losses:
     """The training loss and its parts (parts detached, for logging)."""
 
     total: torch.Tensor
-    recon: float
     high: float | None
     low: float | None
 
 
-def cosine_distance(recon: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """``1 - cos`` over the last (channel) dimension, in float32: ``(B, N, C) -> (B, N)``.
+def position_distance(recon: torch.Tensor, target: torch.Tensor, kind: Distance = "mse", groups: int = 4,
+                      eps: float = 1e-6) -> torch.Tensor:
+    """Per-position distance over the channel dimension, in float32: ``(B, N, C) -> (B, N)``.
 
-    Written out rather than ``F.cosine_similarity``, which materialises both normalised
-    inputs and is several times slower on token tensors this size.
+    ``"mse"``: mean squared error over channels. ``"group_cos"``: ``1 - cos`` inside each of
+    ``groups`` contiguous channel groups, averaged over groups (a channel group with a large
+    error cannot hide behind the rest, and no single channel sets the direction).
     """
     recon, target = recon.float(), target.float()
-    dot = (recon * target).sum(dim=-1)
-    norms = torch.linalg.vector_norm(recon, dim=-1) * torch.linalg.vector_norm(target, dim=-1)
-    return 1.0 - dot / norms.clamp_min(eps)
+    if kind == "mse":
+        return (recon - target).pow(2).mean(dim=-1)
+    c = target.shape[-1]
+    g = max(1, min(groups, c))
+    size = c // g
+    r = recon[..., : g * size].unflatten(-1, (g, size))
+    t = target[..., : g * size].unflatten(-1, (g, size))
+    dot = (r * t).sum(dim=-1)
+    norms = torch.linalg.vector_norm(r, dim=-1) * torch.linalg.vector_norm(t, dim=-1)
+    return (1.0 - dot / norms.clamp_min(eps)).mean(dim=-1)
 
 
-def relative_band_distance(recon: torch.Tensor, band: torch.Tensor, full: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """``0.5 * |recon - band / |full||^2`` over channels, in float32: ``(B, N, C) -> (B, N)``.
-
-    ``recon`` reconstructs the band component in units of the full feature's norm. This is
-    the same quantity as ``1 - cos`` (which is ``0.5 * |r/|r| - f/|f||^2``) restricted to one
-    frequency band: with the band equal to the whole spectrum and ``recon = r/|r|`` it *is*
-    ``1 - cos(r, f)``. Unlike ``1 - cos(recon, band)`` it stays well conditioned where the band
-    carries little of the feature's energy (the high band is zero-mean, so its norm swings
-    from position to position and a plain cosine there measures mostly noise).
-    """
-    scale = torch.linalg.vector_norm(full.float(), dim=-1, keepdim=True).clamp_min(eps)
-    return 0.5 * (recon.float() - band.float() / scale).pow(2).sum(dim=-1)
-
-
-def _distances(
-    recons: list[torch.Tensor], targets: list[torch.Tensor], fulls: list[torch.Tensor] | None
-) -> list[torch.Tensor]:
-    """Per-layer ``(B, N)`` distances: ``1 - cos`` (``fulls`` None) or the relative band distance against ``fulls``."""
-    if fulls is None:
-        return [cosine_distance(r, t) for r, t in zip(recons, targets)]
-    return [relative_band_distance(r, t, f) for r, t, f in zip(recons, targets, fulls)]
-
-
-def _layer_loss(
-    recons: list[torch.Tensor], targets: list[torch.Tensor], fraction: float,
-    fulls: list[torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Mean over layers of the distance (see :func:`_distances`), averaged over the hardest ``fraction`` of positions."""
+def band_loss(recons: list[torch.Tensor], targets: list[torch.Tensor], kind: Distance, groups: int,
+              fraction: float) -> torch.Tensor:
+    """Mean over layers of the distance averaged over the hardest ``fraction`` of positions."""
     total = recons[0].new_zeros((), dtype=torch.float32)
-    for dist in _distances(recons, targets, fulls):
-        dist = dist.flatten()
+    for recon, target in zip(recons, targets):
+        dist = position_distance(recon, target, kind, groups).flatten()
         if fraction < 1.0:
-            k = max(1, math.ceil(fraction * dist.numel()))
-            dist = dist.topk(k).values
+            dist = dist.topk(max(1, math.ceil(fraction * dist.numel()))).values
         total = total + dist.mean()
     return total / len(recons)
 
 
-def split_reconstruction(
-    splitter: FrequencySplit, recons: list[torch.Tensor], targets: list[torch.Tensor], grid: tuple[int, int],
-    low_distance: BandDistance | None = "cos", high_distance: BandDistance | None = "cos",
-) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:
-    """Per-layer ``(R_low, R_high)`` band parts of the main reconstruction (band source ``"split"``).
+def token_noise(x: torch.Tensor, std: float, token_p: float, training: bool,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Training-only input corruption: Gaussian noise of ``std``, then whole tokens zeroed with prob ``token_p``.
 
-    A band compared with ``1 - cos`` gets the plain split of ``R``. A band compared with the
-    relative distance gets its part in units of ``|F|`` (what :func:`relative_band_distance`
-    compares with ``F_band / |F|``): ``R`` is first rescaled to ``F``'s norm at every position
-    (the main loss is a cosine, so ``R``'s own scale means nothing), split, then divided by
-    ``|F|``. With a band covering the whole spectrum, the relative distance of that part is
-    exactly the anomaly map's ``1 - cos``. A band whose distance is None is not wanted and
-    comes back None.
+    ``x`` is ``(B, N, C)``. Dropping whole tokens (not single elements) is what denies a
+    decoder the shortcut of copying a position's own value; the feature noise makes the
+    copy of the kept tokens inexact, so the decoder learns to pull them to the normal
+    population.
     """
-    lows, highs = [], []
-    for recon, target in zip(recons, targets):
-        r = recon.float()
-        low = high = None
-        if "cos" in (low_distance, high_distance):
-            low, high = splitter(r, grid)
-        if "relative" in (low_distance, high_distance):
-            t_norm = torch.linalg.vector_norm(target.float(), dim=-1, keepdim=True).clamp_min(1e-6)
-            r_norm = torch.linalg.vector_norm(r, dim=-1, keepdim=True).clamp_min(1e-6)
-            rel_low, rel_high = splitter(r * (t_norm / r_norm), grid)
-            low = rel_low / t_norm if low_distance == "relative" else low
-            high = rel_high / t_norm if high_distance == "relative" else high
-        lows.append(low)
-        highs.append(high)
-    return (lows if low_distance else None), (highs if high_distance else None)
+    if not training or (std <= 0 and token_p <= 0):
+        return x
+    if std > 0:
+        x = x + std * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+    if token_p > 0:
+        keep = torch.empty(x.shape[:2], device=x.device, dtype=x.dtype).bernoulli_(1.0 - token_p, generator=generator)
+        x = x * keep.unsqueeze(-1)
+    return x
 
 
-class LayerInput(nn.Module):
-    """LayerNorm + Linear from one backbone layer's channels to the hidden width.
+class Normaliser(nn.Module):
+    """Per-layer, per-channel ``(F - mu) / sigma`` with buffers fitted on training normals."""
 
-    The norm matters: CLIP block outputs have a few channels with huge magnitudes.
+    def __init__(self, in_dim: int, num_layers: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(num_layers, in_dim))
+        self.register_buffer("std", torch.ones(num_layers, in_dim))
+
+    def forward(self, tokens: torch.Tensor, layer: int) -> torch.Tensor:
+        return (tokens.float() - self.mean[layer]) / self.std[layer]
+
+    @torch.no_grad()
+    def fit(self, batches: Iterable[list[torch.Tensor]], eps: float = 1e-6) -> None:
+        """Mean and std over every position of every image of ``batches`` (per-layer ``B x C x h x w``)."""
+        total = sq = None
+        count = 0
+        for feats in batches:
+            tokens = torch.stack([map_to_tokens(f).double().flatten(0, 1) for f in feats])  # L x (B*N) x C
+            s, q = tokens.sum(dim=1), tokens.pow(2).sum(dim=1)
+            total, sq = (s, q) if total is None else (total + s, sq + q)
+            count += tokens.shape[1]
+        if total is None or count == 0:
+            raise ValueError("Normaliser.fit: no training features")
+        mean = total / count
+        var = (sq / count - mean.pow(2)).clamp_min(0.0)
+        self.mean.copy_(mean.float())
+        self.std.copy_(var.sqrt().clamp_min(eps).float())
+
+
+def sincos_positions(grid: tuple[int, int], dim: int, device: torch.device) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position code ``(h*w, dim)`` of a grid, coordinates scaled to [0, 1].
+
+    Scaled coordinates make the code of an image position independent of the grid size, so a
+    model trained at one resolution reads the same code at another; no parameters.
     """
+    h, w = grid
+    quarter = max(1, dim // 4)
+    freqs = math.pi * 2.0 ** torch.arange(quarter, device=device, dtype=torch.float32).clamp_max(8)
+    ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
+    xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    parts = [f(c.flatten()[:, None] * freqs) for c in (yy, xx) for f in (torch.sin, torch.cos)]
+    code = torch.cat(parts, dim=-1)
+    return nn.functional.pad(code, (0, dim - code.shape[-1])) if code.shape[-1] < dim else code[:, :dim]
 
-    def __init__(self, in_dim: int, dim: int) -> None:
+
+class Branch(nn.Module):
+    """One band's decoder: per-layer projection, noisy bottleneck, FSAM or GSCM blocks, per-layer heads."""
+
+    def __init__(self, core: nn.Module, cfg: ModelConfig, in_dim: int, num_layers: int) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(in_dim)
-        self.proj = nn.Linear(in_dim, dim)
+        d = cfg.hidden_dim
+        self.cfg = cfg
+        self.inputs = nn.ModuleList(nn.Linear(in_dim, d) for _ in range(num_layers))
+        self.core = core
+        self.pos_scale = nn.Parameter(torch.ones(())) if cfg.pos_embed else None
+        self.norm = nn.LayerNorm(d)
+        self.heads = nn.ModuleList(nn.Linear(d, in_dim) for _ in range(num_layers))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.norm(tokens))
-
-
-class GatedFusion(nn.Module):
-    """``g * Wh(high) + (1 - g) * Wl(low)`` with ``g = sigmoid(Wg [high; low])`` per channel."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.proj_high = nn.Linear(dim, dim)
-        self.proj_low = nn.Linear(dim, dim)
-        self.gate = nn.Linear(2 * dim, dim)
-
-    def forward(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-        g = torch.sigmoid(self.gate(torch.cat([high, low], dim=-1)))
-        return g * self.proj_high(high) + (1.0 - g) * self.proj_low(low)
-
-
-def _heads(dim: int, in_dim: int, num_layers: int) -> nn.ModuleList:
-    return nn.ModuleList(nn.Linear(dim, in_dim) for _ in range(num_layers))
-
-
-class BandHead(nn.Module):
-    """Reconstructs one frequency component (``F_high_l`` or ``F_low_l``) of every layer from hidden tokens.
-
-    With ``context_depth > 0`` (or ``dropout > 0``) it is a small decoder of its own: a noisy
-    bottleneck (dropout, training only) then ``context_depth`` global context blocks, so it
-    must rebuild dropped tokens from their context instead of copying its input.
-    """
-
-    def __init__(
-        self, dim: int, in_dim: int, num_layers: int, *, context_depth: int = 0, dropout: float = 0.0,
-        heads: int = 4, mlp_ratio: float = 2.0, pos_conv: bool = True,
-    ) -> None:
-        super().__init__()
-        self.dropout = dropout
-        self.blocks = nn.ModuleList(ContextBlock(dim, heads, mlp_ratio, pos_conv) for _ in range(context_depth))
-        self.norm = nn.LayerNorm(dim)
-        self.heads = _heads(dim, in_dim, num_layers)
-
-    def forward(
-        self, tokens: torch.Tensor, grid: tuple[int, int], generator: torch.Generator | None = None
-    ) -> list[torch.Tensor]:
-        x = noisy_dropout(tokens, self.dropout, self.training, generator)
-        for block in self.blocks:
-            x = block(x, grid)
-        x = self.norm(x)
+    def forward(self, bands: list[torch.Tensor], grid: tuple[int, int],
+                generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        cfg = self.cfg
+        noisy = [token_noise(b, cfg.feature_noise, cfg.token_dropout, self.training, generator) for b in bands]
+        x = sum(proj(b) for proj, b in zip(self.inputs, noisy)) / len(noisy)
+        x = noisy_dropout(x, cfg.bottleneck_dropout, self.training, generator)
+        if cfg.pos_embed:
+            x = x + self.pos_scale * sincos_positions(grid, x.shape[-1], x.device).to(x.dtype)
+        x = self.norm(self.core(x, grid))
         return [head(x) for head in self.heads]
 
 
@@ -342,35 +318,28 @@ class HarmoniAD(nn.Module):
         self.in_dim = in_dim
         self.num_layers = num_layers
         d = cfg.hidden_dim
-        self.splitter = (
-            FrequencySplit(cfg.cutoff, cfg.soft_edge, cfg.learnable_cutoff) if cfg.split else None
+        self.normaliser = Normaliser(in_dim, num_layers)
+        self.splitter = FrequencySplit(cfg.cutoff, cfg.soft_edge, cfg.learnable_cutoff) if cfg.split else None
+        self.fsam_branch = (
+            Branch(FSAM(d, cfg.fsam_depth, cfg.fsam_heads, cfg.fsam_window, cfg.fsam_kernel, cfg.fsam_gate_reduction,
+                        cfg.mlp_ratio), cfg, in_dim, num_layers)
+            if cfg.has_high else None
         )
-        self.inputs_high = nn.ModuleList(LayerInput(in_dim, d) for _ in range(num_layers)) if cfg.has_high else None
-        self.inputs_low = nn.ModuleList(LayerInput(in_dim, d) for _ in range(num_layers)) if cfg.has_low else None
-        self.fsam = (
-            FSAM(d, cfg.fsam_depth, cfg.fsam_heads, cfg.fsam_window, cfg.fsam_kernel, cfg.fsam_gate_reduction,
-                 cfg.mlp_ratio)
-            if cfg.has_high
-            else None
+        self.gscm_branch = (
+            Branch(GSCM(d, cfg.gscm_depth, cfg.gscm_heads, cfg.mlp_ratio, cfg.gscm_pos_conv), cfg, in_dim, num_layers)
+            if cfg.has_low else None
         )
-        self.gscm = GSCM(d, cfg.gscm_depth, cfg.gscm_heads, cfg.mlp_ratio, cfg.gscm_pos_conv) if cfg.has_low else None
-        self.fusion = GatedFusion(d) if cfg.branches == "both" else None
-        self.decoder = nn.ModuleList(
-            ContextBlock(d, cfg.decoder_heads, cfg.mlp_ratio, cfg.gscm_pos_conv) for _ in range(cfg.decoder_depth)
-        )
-        self.norm_out = nn.LayerNorm(d)
-        self.heads = _heads(d, in_dim, num_layers)
-        # Band heads behind the two frequency maps; a "split" band needs none (it splits ``recon``).
-        self.band_heads = nn.ModuleDict()
-        for band, present, source in (("high", cfg.has_high, cfg.high_source), ("low", cfg.has_low, cfg.low_source)):
-            if cfg.split and present and source != "split":
-                own_decoder = source == "branch_decoder"
-                self.band_heads[band] = BandHead(
-                    d, in_dim, num_layers,
-                    context_depth=cfg.branch_decoder_depth if own_decoder else 0,
-                    dropout=cfg.bottleneck_dropout if own_decoder else 0.0,
-                    heads=cfg.decoder_heads, mlp_ratio=cfg.mlp_ratio, pos_conv=cfg.gscm_pos_conv,
-                )
+        # Location and scale of the high and low maps on the training normals (set by ``calibrate``).
+        self.register_buffer("map_mean", torch.zeros(2))
+        self.register_buffer("map_std", torch.ones(2))
+
+    @property
+    def fsam(self) -> nn.Module | None:
+        return None if self.fsam_branch is None else self.fsam_branch.core
+
+    @property
+    def gscm(self) -> nn.Module | None:
+        return None if self.gscm_branch is None else self.gscm_branch.core
 
     # -- forward -------------------------------------------------------------------------
 
@@ -386,116 +355,114 @@ class HarmoniAD(nn.Module):
                 )
         return grid  # type: ignore[return-value]
 
-    def _branch_input(
-        self, projections: nn.ModuleList, layers: list[torch.Tensor], generator: torch.Generator | None
-    ) -> torch.Tensor:
-        tokens = sum(proj(t) for proj, t in zip(projections, layers)) / len(layers)
-        return noisy_dropout(tokens, self.cfg.input_dropout, self.training, generator)
+    def normalised_tokens(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``X_l``: per-layer ``B x N x C`` float32 tokens, normalised when ``cfg.normalize``."""
+        tokens = [map_to_tokens(f).float() for f in feats]
+        if not self.cfg.normalize:
+            return [t.contiguous() for t in tokens]
+        return [self.normaliser(t, i) for i, t in enumerate(tokens)]
 
     def forward(self, feats: list[torch.Tensor], generator: torch.Generator | None = None) -> ModelOutput:
-        """Reconstruct the encoder maps ``feats`` (and their frequency parts).
+        """Reconstruct the high band with FSAM and the low band with GSCM.
 
-        ``generator`` drives the dropout masks in training (for exactly resumable runs);
-        None uses the global RNG.
+        ``generator`` drives the training noise (for exactly resumable runs); None uses the
+        global RNG.
         """
         grid = self._check_feats(feats)
-        cfg = self.cfg
-        target = [map_to_tokens(f).float().contiguous() for f in feats]
+        target = self.normalised_tokens(feats)
         if self.splitter is not None:
             lows, highs = zip(*(self.splitter(t, grid) for t in target))
             target_low, target_high = list(lows), list(highs)
         else:
             target_low = target_high = target
-
-        high = low = None
-        if self.fsam is not None:
-            high = self.fsam(self._branch_input(self.inputs_high, target_high, generator), grid)
-        if self.gscm is not None:
-            low = self.gscm(self._branch_input(self.inputs_low, target_low, generator), grid)
-
-        if self.fusion is not None:
-            fused = self.fusion(high, low)
-        else:
-            fused = high if high is not None else low
-        z = noisy_dropout(fused, cfg.bottleneck_dropout, self.training, generator)
-        for block in self.decoder:
-            z = block(z, grid)
-        z_out = self.norm_out(z)
-
-        out = ModelOutput(grid=grid, recon=[head(z_out) for head in self.heads], target=target)
-        if self.splitter is None:
-            return out
-        out.high_distance, out.low_distance = cfg.high_distance, cfg.low_distance
-        split_high = cfg.has_high and cfg.high_source == "split"
-        split_low = cfg.has_low and cfg.low_source == "split"
-        recon_low = recon_high = None
-        if split_high or split_low:
-            recon_low, recon_high = split_reconstruction(
-                self.splitter, out.recon, target, grid,
-                cfg.low_distance if split_low else None, cfg.high_distance if split_high else None,
-            )
-        # A "decoder" head reads the decoder's context; the others read their own branch.
-        if "high" in self.band_heads:
-            recon_high = self.band_heads["high"](z if cfg.high_source == "decoder" else high, grid, generator)
-        if "low" in self.band_heads:
-            recon_low = self.band_heads["low"](z if cfg.low_source == "decoder" else low, grid, generator)
-        if cfg.has_high:
-            out.recon_high, out.target_high = recon_high, target_high
-        if cfg.has_low:
-            out.recon_low, out.target_low = recon_low, target_low
+        out = ModelOutput(grid=grid, target=target)
+        if self.fsam_branch is not None:
+            out.recon_high = self.fsam_branch(target_high, grid, generator)
+            out.target_high = target_high
+        if self.gscm_branch is not None:
+            out.recon_low = self.gscm_branch(target_low, grid, generator)
+            out.target_low = target_low
         return out
 
     # -- loss and maps ---------------------------------------------------------------------
 
     def loss(self, out: ModelOutput) -> Losses:
-        """Cosine reconstruction loss per layer plus the weighted branch losses (step 8).
+        """``w_high * L_high + w_low * L_low``, each branch against its own band (see the module docstring)."""
+        cfg = self.cfg
+        total = out.target[0].new_zeros((), dtype=torch.float32)
+        parts: dict[str, float | None] = {"high": None, "low": None}
+        for band, weight in (("high", cfg.high_loss_weight), ("low", cfg.low_loss_weight)):
+            recon, target = getattr(out, f"recon_{band}"), getattr(out, f"target_{band}")
+            if recon is None:
+                continue
+            term = band_loss(recon, target, cfg.distance, cfg.cos_groups, cfg.hard_mining_fraction)
+            total = total + weight * term
+            parts[band] = float(term.detach())
+        return Losses(total=total, high=parts["high"], low=parts["low"])
 
-        Each branch loss uses the distance its map uses (``high_distance``/``low_distance``),
-        so the band reconstructions are trained for exactly what the dashboard shows.
-        """
-        frac = self.cfg.hard_mining_fraction
-        total = recon = _layer_loss(out.recon, out.target, frac)
-        high = low = None
-        if out.recon_high is not None and out.target_high is not None:
-            fulls = out.target if out.high_distance == "relative" else None
-            high_t = _layer_loss(out.recon_high, out.target_high, frac, fulls)
-            total = total + self.cfg.high_loss_weight * high_t
-            high = float(high_t.detach())
-        if out.recon_low is not None and out.target_low is not None:
-            fulls = out.target if out.low_distance == "relative" else None
-            low_t = _layer_loss(out.recon_low, out.target_low, frac, fulls)
-            total = total + self.cfg.low_loss_weight * low_t
-            low = float(low_t.detach())
-        return Losses(total=total, recon=float(recon.detach()), high=high, low=low)
+    def branch_maps(self, out: ModelOutput) -> dict[str, torch.Tensor]:
+        """The raw ``(B, h, w)`` high and low maps (only the branches present)."""
+        maps = {}
+        for band in BANDS:
+            recon, target = getattr(out, f"recon_{band}"), getattr(out, f"target_{band}")
+            if recon is not None:
+                dist = sum(position_distance(r, t, self.cfg.distance, self.cfg.cos_groups)
+                           for r, t in zip(recon, target)) / len(recon)
+                maps[band] = dist.reshape(-1, *out.grid)
+        return maps
 
-    @staticmethod
-    def output_maps(out: ModelOutput) -> GridMaps:
-        """Grid-resolution maps, averaged over layers (step 6).
+    def fuse(self, maps: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The anomaly map from the branch maps standardised by the training normals' statistics."""
+        z = [(maps[band] - self.map_mean[i]) / self.map_std[i] for i, band in enumerate(BANDS) if band in maps]
+        if len(z) == 1:
+            return z[0]
+        if self.cfg.fusion == "max":
+            return torch.maximum(*z)
+        w = self.cfg.fusion_high_weight
+        return w * z[0] + (1.0 - w) * z[1]
 
-        The anomaly map is ``1 - cos(R, F)``; the branch maps compare the band reconstructions
-        with ``F_high`` / ``F_low`` by ``out.high_distance`` / ``out.low_distance``.
-        """
-
-        def mean_distance(
-            recons: list[torch.Tensor] | None, targets: list[torch.Tensor] | None, distance: BandDistance = "cos"
-        ) -> torch.Tensor | None:
-            if recons is None or targets is None:
-                return None
-            fulls = out.target if distance == "relative" else None
-            dist = sum(_distances(recons, targets, fulls)) / len(recons)
-            return dist.reshape(-1, *out.grid)
-
-        anomaly = mean_distance(out.recon, out.target)
-        assert anomaly is not None
-        return GridMaps(
-            anomaly=anomaly,
-            high=mean_distance(out.recon_high, out.target_high, out.high_distance),
-            low=mean_distance(out.recon_low, out.target_low, out.low_distance),
-        )
+    def output_maps(self, out: ModelOutput) -> GridMaps:
+        """Grid-resolution maps: branch distances to their bands and their fusion (step 6)."""
+        maps = self.branch_maps(out)
+        return GridMaps(anomaly=self.fuse(maps), high=maps.get("high"), low=maps.get("low"))
 
     def maps(self, feats: list[torch.Tensor]) -> GridMaps:
         """``forward`` then ``output_maps``; call under ``eval()`` and ``torch.inference_mode()`` to score."""
         return self.output_maps(self(feats))
+
+    # -- statistics of the training normals -----------------------------------------------
+
+    def fit_normalisation(self, batches: Iterable[list[torch.Tensor]]) -> None:
+        """Fit the per-layer target normalisation on training features (before training)."""
+        self.normaliser.fit(batches)
+
+    @torch.no_grad()
+    def calibrate(self, batches: Iterable[list[torch.Tensor]], max_values: int = 2_000_000) -> None:
+        """Measure each branch map on training normals (after training): its median and upper tail, for the fusion.
+
+        The fusion standardises a map as ``(M - median) / (q - median)`` with ``q`` its
+        ``cfg.fusion_quantile`` quantile on normal positions: a robust location and a scale
+        set by the normal map's upper tail, where false positives come from (a standard
+        deviation under-weights a heavy tail). At most ``max_values`` positions per map are
+        kept (an evenly strided subset beyond that).
+        """
+        was_training = self.training
+        self.eval()
+        values: dict[str, list[torch.Tensor]] = {band: [] for band in BANDS}
+        for feats in batches:
+            for band, m in self.branch_maps(self(feats)).items():
+                values[band].append(m.float().flatten().cpu())
+        self.train(was_training)
+        for i, band in enumerate(BANDS):
+            if not values[band]:
+                continue
+            v = torch.cat(values[band])
+            if v.numel() > max_values:
+                v = v[:: math.ceil(v.numel() / max_values)]
+            loc = v.median()
+            scale = (torch.quantile(v, self.cfg.fusion_quantile) - loc).clamp_min(1e-6)
+            self.map_mean[i] = loc
+            self.map_std[i] = scale
 
 
 def parameter_counts(model: HarmoniAD) -> dict[str, int]:

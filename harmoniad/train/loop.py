@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,12 @@ def build_model(cfg: ModelConfig, in_dim: int, num_layers: int, seed: int) -> Ha
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_derived_seed(seed, "init", 0))
         return HarmoniAD(cfg, in_dim, num_layers)
+
+
+def _batches(source: FeatureSource, batch_size: int, device: torch.device) -> Iterator[list[torch.Tensor]]:
+    """Every item of ``source`` once, in order, a batch at a time on ``device``."""
+    for start in range(0, len(source), batch_size):
+        yield [f.to(device) for f in source.load(range(start, min(start + batch_size, len(source))))]
 
 
 def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
@@ -128,6 +134,8 @@ def train(
         return out
 
     model = build_model(model_cfg, in_dim, num_layers, train_cfg.seed).to(dev)
+    # Target statistics of the training normals (a resumed state carries the same values).
+    model.fit_normalisation(_batches(source, train_cfg.batch_size, dev))
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=train_cfg.lr, betas=train_cfg.betas, weight_decay=train_cfg.weight_decay
     )
@@ -183,6 +191,7 @@ def train(
     result = {"steps": total, "final_loss": loss_value, "wall_s": round(time.monotonic() - t0, 3),
               "device": str(dev), "world_size": distributed.world_size()}
     if main:
+        model.calibrate(_batches(source, train_cfg.batch_size, dev))  # the fusion's statistics of normal maps
         save_checkpoint(out, model, info, result)
         (out / STATE_FILE).unlink(missing_ok=True)
     distributed.barrier()  # the other ranks return once the checkpoint is there to load

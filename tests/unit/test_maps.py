@@ -18,7 +18,7 @@ from harmoniad.maps import (
 )
 from harmoniad.model import GridMaps, ModelConfig
 
-SMALL = ModelConfig(hidden_dim=16, fsam_heads=2, gscm_heads=2, decoder_heads=2, fsam_window=4)
+SMALL = ModelConfig(hidden_dim=16, fsam_heads=2, gscm_heads=2, fsam_window=4)
 
 
 def _grid(b: int = 3, h: int = 6, w: int = 6, branches: bool = True) -> GridMaps:

@@ -66,7 +66,7 @@ def test_a_cut_feature_file_is_recomputed_and_the_good_ones_are_kept(
 
 # ------------------------------------------------------------------ checkpoints
 
-MODEL = ModelConfig(hidden_dim=16, fsam_heads=2, gscm_heads=2, decoder_heads=2, fsam_window=4)
+MODEL = ModelConfig(hidden_dim=16, fsam_heads=2, gscm_heads=2, fsam_window=4)
 TRAIN = TrainConfig(epochs=1, max_steps=4, batch_size=4, checkpoint_every=2, amp=False)
 
 

@@ -22,7 +22,7 @@ from harmoniad.model import ModelConfig
 from harmoniad.train import CONFIG_FILE, MODEL_FILE, CheckpointError, TrainConfig, load_checkpoint, train
 from harmoniad.backbone.sources import TensorSource
 
-MODEL = ModelConfig(hidden_dim=16, fsam_heads=2, gscm_heads=2, decoder_heads=2, fsam_window=4)
+MODEL = ModelConfig(hidden_dim=16, fsam_heads=2, gscm_heads=2, fsam_window=4)
 
 
 @pytest.fixture(scope="module")

@@ -16,24 +16,31 @@ from harmoniad.train import CONFIG_FILE, MODEL_FILE, STATE_FILE, CheckpointError
 from harmoniad.backbone.sources import TensorSource
 
 
-MODEL = ModelConfig(hidden_dim=16, fsam_heads=2, gscm_heads=2, decoder_heads=2, fsam_window=4)
+MODEL = ModelConfig(hidden_dim=16, fsam_heads=2, gscm_heads=2, fsam_window=4)
 
 
-def _structured_feats(n: int = 12, c: int = 16, grid: tuple[int, int] = (6, 6), layers: int = 2) -> list[torch.Tensor]:
-    """Low-rank features: a few smooth latent fields mixed into channels by fixed per-layer matrices."""
-    gen = torch.Generator().manual_seed(0)
+def _structured_feats(n: int = 12, c: int = 16, grid: tuple[int, int] = (6, 6), layers: int = 2,
+                      images_seed: int = 0, category_seed: int = 0) -> list[torch.Tensor]:
+    """Low-rank features: a few smooth latent fields mixed into channels by fixed per-layer matrices.
+
+    ``category_seed`` draws the mixing (what a "category" looks like), ``images_seed`` the
+    latent fields of its images (0/0 is the original set).
+    """
+    gen = torch.Generator().manual_seed(images_seed)
     latent = torch.nn.functional.avg_pool2d(torch.randn(n, 3, grid[0] + 2, grid[1] + 2, generator=gen), 3, 1)
+    mix_gen = gen if category_seed == 0 and images_seed == 0 else torch.Generator().manual_seed(1000 + category_seed)
     out = []
     for _ in range(layers):
-        mix = torch.randn(c, 3, generator=gen)
-        offset = torch.randn(c, 1, 1, generator=gen)
+        mix = torch.randn(c, 3, generator=mix_gen)
+        offset = torch.randn(c, 1, 1, generator=mix_gen)
         out.append(torch.einsum("cr,nrhw->nchw", mix, latent) + offset + 0.05 * torch.randn(n, c, *grid, generator=gen))
     return out
 
 
 def _eval_loss(model: HarmoniAD, feats: list[torch.Tensor]) -> float:
     with torch.no_grad():
-        return model.eval().loss(model(feats)).recon
+        losses = model.eval().loss(model(feats))
+    return losses.high + losses.low
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor() -> None:
@@ -50,7 +57,9 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor() -> None:
 def test_training_lowers_the_loss_and_reports_progress(tmp_path: Path) -> None:
     feats = _structured_feats()
     cfg = TrainConfig(max_steps=40, batch_size=6, lr=3e-3, checkpoint_every=1000)
-    before = _eval_loss(build_model(MODEL, 16, 2, cfg.seed), feats)
+    untrained = build_model(MODEL, 16, 2, cfg.seed)
+    untrained.fit_normalisation([feats])
+    before = _eval_loss(untrained, feats)
     events: list[ProgressEvent] = []
     out = train(TensorSource(feats), None, MODEL, cfg, tmp_path / "run", progress=events.append)
     model, info = load_checkpoint(out)
@@ -76,7 +85,11 @@ def test_checkpoint_round_trip_gives_identical_maps(tmp_path: Path) -> None:
 
 
 class _CrashingSource(TensorSource):
-    """Fails on the ``crash_at``-th batch load, like a killed process (the probe load is call 1)."""
+    """Fails on the ``crash_at``-th batch load, like a killed process.
+
+    Call 1 is the probe, then one pass over the data fits the target normalisation (3 loads of
+    10 items in batches of 4), then one load per step.
+    """
 
     def __init__(self, feats: list[torch.Tensor], crash_at: int) -> None:
         super().__init__(feats)
@@ -95,7 +108,7 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path: Path) -> None:
     train(TensorSource(feats), None, MODEL, cfg, tmp_path / "a")
 
     with pytest.raises(RuntimeError, match="simulated crash"):  # dies while loading step 6's batch
-        train(_CrashingSource(feats, crash_at=7), None, MODEL, cfg, tmp_path / "b")
+        train(_CrashingSource(feats, crash_at=10), None, MODEL, cfg, tmp_path / "b")
     assert (tmp_path / "b" / STATE_FILE).is_file() and not (tmp_path / "b" / CONFIG_FILE).exists()
     steps_seen: list[int] = []
     train(TensorSource(feats), None, MODEL, cfg, tmp_path / "b", progress=lambda e: steps_seen.append(e.done))
@@ -189,3 +202,84 @@ def test_anomalous_samples_are_refused(tmp_path: Path) -> None:
     bad = Sample(tmp_path / "x.png", tmp_path / "m.png", "cat", "crack", 1, "test")
     with pytest.raises(ValueError, match="normal images only"):
         train([bad], TINY_BACKBONE, MODEL, TrainConfig(), tmp_path / "out")
+
+
+def test_checkpoint_carries_the_statistics_of_the_training_normals(tmp_path: Path) -> None:
+    """Target normalisation (fitted before training) and the fusion's map statistics (after) are in the checkpoint."""
+    feats = _structured_feats(n=8)
+    out = train(TensorSource(feats), None, MODEL, TrainConfig(max_steps=10, batch_size=4), tmp_path, progress=lambda e: None)
+    model, _ = load_checkpoint(out)
+    for layer, f in enumerate(feats):
+        torch.testing.assert_close(model.normaliser.mean[layer], f.mean(dim=(0, 2, 3)), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model.normaliser.std[layer], f.std(dim=(0, 2, 3), unbiased=False), atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        maps = model.maps(feats)
+    for i, band in enumerate(("high", "low")):  # location = the median of the map on the training normals
+        assert float(model.map_mean[i]) == pytest.approx(float(getattr(maps, band).flatten().median()), rel=1e-4)
+        assert float(model.map_std[i]) > 0 and float(model.map_std[i]) != 1.0
+
+
+SHORTCUT_MODEL = ModelConfig(hidden_dim=32, fsam_heads=2, gscm_heads=2, fsam_window=4)
+SHORTCUT_TRAIN = TrainConfig(max_steps=150, batch_size=8, lr=3e-3, seed=0)
+
+
+def _category(n: int, images_seed: int, category_seed: int = 1) -> list[torch.Tensor]:
+    return _structured_feats(n=n, c=16, grid=(8, 8), images_seed=images_seed, category_seed=category_seed)
+
+
+@pytest.fixture(scope="module")
+def trained_on_one_category(tmp_path_factory: pytest.TempPathFactory) -> HarmoniAD:
+    out = train(TensorSource(_category(32, images_seed=1)), None, SHORTCUT_MODEL, SHORTCUT_TRAIN,
+                tmp_path_factory.mktemp("shortcut"), progress=lambda e: None)
+    return load_checkpoint(out)[0]
+
+
+def _error(model: HarmoniAD, feats: list[torch.Tensor]) -> torch.Tensor:
+    """Per-position reconstruction error of both branches, ``(B, h, w)``."""
+    with torch.no_grad():
+        maps = model.maps(feats)
+    return maps.high + maps.low
+
+
+def test_no_identity_shortcut_other_category_and_noise_reconstruct_worse(trained_on_one_category: HarmoniAD) -> None:
+    """A model that learned the normal population reconstructs held-out normal tokens clearly better than
+    tokens of another category or noise with the same channel statistics; a model that copies its input
+    (the identity shortcut) reconstructs all three equally well."""
+    model = trained_on_one_category
+    train_feats = _category(32, images_seed=1)
+    gen = torch.Generator().manual_seed(7)
+    noise = [f.mean(dim=(0, 2, 3), keepdim=True) + f.std(dim=(0, 2, 3), keepdim=True) * torch.randn(8, 16, 8, 8, generator=gen)
+             for f in train_feats]
+    normal = float(_error(model, _category(8, images_seed=2)).mean())
+    foreign = float(_error(model, _category(8, images_seed=2, category_seed=2)).mean())
+    random = float(_error(model, noise).mean())
+    assert normal > 0
+    assert foreign > 3 * normal and random > 3 * normal, (normal, foreign, random)
+
+
+def test_trained_model_finds_defects_the_untrained_one_misses(trained_on_one_category: HarmoniAD) -> None:
+    """Defects with normal channel statistics: 2 x 2 patches of another category's tokens, rescaled to
+    the normal mean and std per channel, pasted into held-out normal images. Only the correlations
+    between channels give them away, which a model has to learn; the same model untrained (same
+    initial weights, normalisation and fusion statistics, zero steps) ranks them far worse."""
+    from harmoniad.metrics import pixel_metrics
+
+    normal, foreign = _category(8, images_seed=3), _category(8, images_seed=3, category_seed=2)
+    mask = torch.zeros(8, 8, 8, dtype=torch.bool)
+    for i in range(8):
+        y, x = 1 + (i * 3) % 5, 1 + (i * 5) % 5
+        mask[i, y:y + 2, x:x + 2] = True
+    defective = []
+    for f, g in zip(normal, foreign):
+        mean, std = f.mean(dim=(0, 2, 3), keepdim=True), f.std(dim=(0, 2, 3), keepdim=True)
+        g = (g - g.mean(dim=(0, 2, 3), keepdim=True)) / g.std(dim=(0, 2, 3), keepdim=True) * std + mean
+        defective.append(torch.where(mask[:, None], g, f))
+    untrained = build_model(SHORTCUT_MODEL, 16, 2, SHORTCUT_TRAIN.seed).eval()
+    train_feats = _category(32, images_seed=1)
+    untrained.fit_normalisation([train_feats])
+    untrained.calibrate([train_feats])
+    masks = mask.numpy()
+    with torch.no_grad():
+        trained_auroc = pixel_metrics(masks, trained_on_one_category.maps(defective).anomaly.numpy())["auroc"]
+        untrained_auroc = pixel_metrics(masks, untrained.maps(defective).anomaly.numpy())["auroc"]
+    assert trained_auroc > 0.9 and trained_auroc > untrained_auroc + 0.15, (trained_auroc, untrained_auroc)
