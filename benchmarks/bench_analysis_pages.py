@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,9 +23,8 @@ import pandas as pd
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from harmoniad.store import METRIC_COLUMNS, ResultStore  # noqa: E402
+from harmoniad.store import METRIC_COLUMNS, ResultStore
 
 CATEGORIES = ("alpha", "beta", "gamma", "delta")
 

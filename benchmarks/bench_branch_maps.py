@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -27,16 +26,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harmoniad.backbone import TINY_BACKBONE  # noqa: E402
-from harmoniad.data import DEFECT_KINDS, load_dataset, make_synthetic  # noqa: E402
-from harmoniad.evaluate import masks_at  # noqa: E402
-from harmoniad.features import FeatureCache  # noqa: E402
-from harmoniad.inference import ScoreConfig, Scorer  # noqa: E402
-from harmoniad.metrics import pixel_metrics  # noqa: E402
-from harmoniad.model import ModelConfig  # noqa: E402
-from harmoniad.train import TensorSource, TrainConfig, load_checkpoint, train  # noqa: E402
+from harmoniad.backbone import TINY_BACKBONE
+from harmoniad.data import DEFECT_KINDS, load_dataset, make_synthetic
+from harmoniad.evaluate import masks_at
+from harmoniad.backbone.cache import FeatureCache
+from harmoniad.maps import ScoreConfig
+from harmoniad.methods.harmoniad import Scorer
+from harmoniad.metrics import pixel_metrics
+from harmoniad.model import ModelConfig
+from harmoniad.train import TrainConfig, load_checkpoint, train
+from harmoniad.backbone.sources import TensorSource
 
 MAPS = ("anomaly", "high", "low")
 

@@ -28,7 +28,6 @@ from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import sync_playwright
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from dashboard.bootstrap import MARKER
 from harmoniad.demo import DEMO_METHODS

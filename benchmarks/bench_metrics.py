@@ -27,9 +27,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harmoniad.metrics import aupro, pixel_metrics  # noqa: E402
+from harmoniad.metrics import aupro, pixel_metrics
 
 FPR_LIMIT = 0.3
 VARIANTS = ("pixel_metrics", "aupro_exact", "aupro_loop200")

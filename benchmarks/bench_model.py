@@ -22,19 +22,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harmoniad.backbone import Backbone, BackboneConfig  # noqa: E402
-from harmoniad.device import autocast, resolve_device  # noqa: E402
-from harmoniad.inference import ScoreConfig, Scorer, finalize_maps  # noqa: E402
-from harmoniad.model import HarmoniAD, ModelConfig, parameter_counts  # noqa: E402
+from harmoniad.backbone import Backbone, BackboneConfig
+from harmoniad.runtime.device import autocast, resolve_device
+from harmoniad.maps import ScoreConfig, finalize_maps
+from harmoniad.methods.harmoniad import Scorer
+from harmoniad.model import HarmoniAD, ModelConfig, parameter_counts
 
 
 def _sync(device: torch.device) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
-import sys
 import tempfile
 import time
 import tracemalloc
@@ -30,7 +29,6 @@ import pandas as pd
 import pyarrow as pa
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]  # run from a checkout, uninstalled
 
 import bench_analysis_pages  # the dashboard benchmark's store builder and page driver
 from timing import timed

@@ -10,7 +10,6 @@ to a temporary directory unless ``--root`` is given.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +21,6 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]  # run from a checkout, uninstalled
 
 from timing import timed  # the benchmarks' shared timing helper
 

@@ -8,14 +8,6 @@ app-wide run picker, work in progress), starts the offline demo on a first start
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# Streamlit puts only this file's folder on sys.path; the pages import `dashboard` and `harmoniad`.
-_REPO_ROOT = str(Path(__file__).resolve().parent.parent)
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(0, _REPO_ROOT)
-
 import streamlit as st
 
 from dashboard import bootstrap, jobs, nav, state

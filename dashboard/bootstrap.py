@@ -32,11 +32,11 @@ from pathlib import Path
 import streamlit as st
 
 from dashboard.jobs import Job, announce_evaluation, board, show_ended, show_job
-from harmoniad.atomic import atomic_write_text
+from harmoniad.runtime.atomic import atomic_write_text
 from harmoniad.data import ensure_synthetic
 from harmoniad.demo import DEMO_METHODS, demo_request, run_demo
 from harmoniad.methods import METHODS
-from harmoniad.progress import ProgressEvent, ProgressFn
+from harmoniad.runtime.progress import ProgressEvent, ProgressFn
 from harmoniad.store import ResultStore
 
 NO_DEMO_ENV = "HARMONIAD_NO_DEMO"

@@ -10,7 +10,7 @@ once a second (``st.fragment(run_every=...)``) and reruns the whole app when it 
 new results appear. Starting a job whose id is already running returns the running one:
 that is what makes a reload, or a second browser tab, harmless.
 
-Cancel sets an event; the job's progress callback raises :class:`~harmoniad.progress.Cancelled`
+Cancel sets an event; the job's progress callback raises :class:`~harmoniad.runtime.progress.Cancelled`
 at the work's next progress update. Categories already stored stay stored; runs the job had
 open are then marked ``failed`` with a clear reason (never left ``running``).
 """
@@ -29,7 +29,7 @@ import streamlit as st
 
 from harmoniad.data import list_categories
 from harmoniad.evaluate import EvalRequest, evaluate
-from harmoniad.progress import Cancelled, ProgressEvent, ProgressFn, format_seconds
+from harmoniad.runtime.progress import Cancelled, ProgressEvent, ProgressFn, format_seconds
 from harmoniad.store import ResultStore, RunStateError
 
 JobState = Literal["running", "done", "failed", "cancelled"]

@@ -13,7 +13,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import nav
-from harmoniad.paths import store_dir
+from harmoniad.runtime.paths import store_dir
 from harmoniad.store import ResultStore, RunDataMissing, RunInfo, RunNotFound
 
 RUN_KEY = "run_id"

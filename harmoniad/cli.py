@@ -39,9 +39,9 @@ def _backbone_config(args: argparse.Namespace) -> BackboneConfig:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from harmoniad import distributed
+    from harmoniad.runtime import distributed
     from harmoniad.data import load_dataset
-    from harmoniad.features import FeatureCache
+    from harmoniad.backbone.cache import FeatureCache
 
     splits = ["train", "test"] if args.split == "all" else [args.split]
     samples = [s for split in splits for s in load_dataset(args.dataset, args.root, args.categories, split=split)]
@@ -54,11 +54,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from harmoniad import distributed
+    from harmoniad.runtime import distributed
     from harmoniad.data import load_dataset
     from harmoniad.model import ModelConfig
-    from harmoniad.paths import cache_dir
-    from harmoniad.screening import Screen
+    from harmoniad.runtime.paths import cache_dir
+    from harmoniad.data.screening import Screen
     from harmoniad.train import TrainConfig, train
 
     samples = load_dataset(args.dataset, args.root, args.categories, split="train")
@@ -84,9 +84,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     import pandas as pd
     from PIL import Image
 
-    from harmoniad.atomic import atomic_path
+    from harmoniad.runtime.atomic import atomic_path
     from harmoniad.data.readers import IMAGE_EXTENSIONS as IMAGE_SUFFIXES
-    from harmoniad.inference import ScoreConfig, Scorer
+    from harmoniad.maps import ScoreConfig
+    from harmoniad.methods.harmoniad import Scorer
     from harmoniad.visualize import heatmap_rgb
 
     images = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if args.images.is_dir() else [args.images]
@@ -115,7 +116,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from harmoniad import distributed
+    from harmoniad.runtime import distributed
     from harmoniad.evaluate import EvalRequest, evaluate
     from harmoniad.store import ResultStore
 
@@ -252,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from harmoniad import distributed
+    from harmoniad.runtime import distributed
 
     args = build_parser().parse_args(argv)
     try:

@@ -14,7 +14,7 @@ import torch
 from harmoniad.backbone import TINY_BACKBONE
 from harmoniad.data import ensure_synthetic
 from harmoniad.evaluate import EvalRequest, evaluate
-from harmoniad.progress import ProgressFn
+from harmoniad.runtime.progress import ProgressFn
 from harmoniad.store import ResultStore
 
 #: HarmoniAD, its ablations and every baseline.

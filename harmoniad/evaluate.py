@@ -3,7 +3,7 @@
 ``evaluate`` runs methods x dataset x categories. A failure in one category is recorded
 in the store and the others go on; a failure in fitting fails that method's run only.
 
-Under ``torchrun`` (:mod:`harmoniad.distributed`) every rank fits the method (HarmoniAD's
+Under ``torchrun`` (:mod:`harmoniad.runtime.distributed`) every rank fits the method (HarmoniAD's
 training is itself data-parallel), each category's test images are split across ranks,
 the predictions are gathered on rank 0 in the original order, and only rank 0 computes
 metrics, writes the store and reports progress.
@@ -22,15 +22,16 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from harmoniad import distributed
+from harmoniad.runtime import distributed
 from harmoniad.backbone import TINY_BACKBONE, BackboneConfig, resolve_spec
-from harmoniad.config import to_dict
+from harmoniad.runtime.serialization import to_dict
 from harmoniad.data import Sample, read_mask
 from harmoniad.methods import METHODS, build_method
-from harmoniad.methods.base import Context, Method, Prediction
+from harmoniad.methods.base import Context, Method
+from harmoniad.maps import Prediction
 from harmoniad.metrics import image_metrics, pixel_metrics
-from harmoniad.progress import Cancelled, Progress, ProgressEvent, ProgressFn, print_progress, silent
-from harmoniad.screening import Screen, SkippedFile, load_categories
+from harmoniad.runtime.progress import Cancelled, Progress, ProgressEvent, ProgressFn, print_progress, silent
+from harmoniad.data.screening import Screen, SkippedFile, load_categories
 from harmoniad.store import ResultStore
 
 
@@ -110,7 +111,7 @@ def evaluate(
     report = (progress or print_progress) if main else silent
     cats = list(request.categories) if request.categories else None
     # A malformed category is recorded as failed and the others go on; a bad file is left
-    # out and listed in the run (harmoniad.screening). Verdicts are shared by every method.
+    # out and listed in the run (harmoniad.data.screening). Verdicts are shared by every method.
     loaded = load_categories(request.dataset, request.root, cats)
     train, test, categories = loaded.train, loaded.test, loaded.categories
     screen = Screen(decode=distributed.active())  # ranks must agree up front: no retries
@@ -295,7 +296,7 @@ def _predict(method: Method, samples: list[Sample], ctx: Context) -> Prediction 
 
 
 def merge_predictions(parts: Sequence[Prediction | None], n: int) -> Prediction:
-    """Per-rank predictions of :func:`harmoniad.distributed.shard` slices -> one, in the original order."""
+    """Per-rank predictions of :func:`harmoniad.runtime.distributed.shard` slices -> one, in the original order."""
     world = len(parts)
     present = [p for p in parts if p is not None]
     if not present:
@@ -329,7 +330,7 @@ def _prefetch_features(
     """
     if not any(m.uses_backbone for m in methods):
         return
-    from harmoniad.features import FeatureCache
+    from harmoniad.backbone.cache import FeatureCache
 
     cache = FeatureCache(request.backbone, device=device)
     cache.ensure([s.image_path for s in train], _nested(report, "prefetch"), distributed=True)

@@ -1,7 +1,7 @@
 """Overview page: every stored run, a leaderboard and the published numbers beside it.
 
 The leaderboard takes the newest complete run of each method on one dataset and shows one
-metric per category (and the mean) in percent. Published figures (``harmoniad.published``)
+metric per category (and the mean) in percent. Published figures (``harmoniad.store.published``)
 are shown in their own table, each row labelled "published" with its source, and beside the
 measured means only for the same benchmark: numbers measured on the synthetic dataset are
 never lined up against papers.
@@ -13,7 +13,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import bootstrap, charts, jobs, nav, state
-from harmoniad.published import published_results, side_by_side
+from harmoniad.store.published import published_results, side_by_side
 from harmoniad.store import METRIC_COLUMNS, RunNotFound, RunStateError
 
 PUBLISHED_DATASETS = {"mvtec": "MVTec AD", "visa": "VisA", "btad": "BTAD"}

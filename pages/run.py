@@ -33,7 +33,7 @@ from harmoniad.data import (
 )
 from harmoniad.evaluate import EvalRequest
 from harmoniad.methods import METHODS, build_method
-from harmoniad.paths import cache_dir
+from harmoniad.runtime.paths import cache_dir
 
 JOB_KEY = "run_job_id"
 DATASET_LABELS = {

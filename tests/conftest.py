@@ -14,3 +14,6 @@ def _single_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+#: Fixtures of the dashboard tests (unit, integration and browser): a demo store, an empty store.
+pytest_plugins = ["tests.fixtures.dashboard"]

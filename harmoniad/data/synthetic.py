@@ -33,11 +33,11 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from harmoniad.atomic import atomic_write_bytes, atomic_write_text
+from harmoniad.runtime.atomic import atomic_write_bytes, atomic_write_text
 from harmoniad.data.readers import SYNTHETIC_MANIFEST
 from harmoniad.data.records import GOOD, DatasetError
-from harmoniad.paths import cache_dir
-from harmoniad.progress import Progress, ProgressFn
+from harmoniad.runtime.paths import cache_dir
+from harmoniad.runtime.progress import Progress, ProgressFn
 
 GENERATOR_VERSION = 1
 MANIFEST = SYNTHETIC_MANIFEST  # written first (complete: false) and last (complete: true)

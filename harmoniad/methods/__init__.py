@@ -10,7 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from harmoniad.methods.base import Context, Method, Prediction
+from harmoniad.methods.base import Context, Method
+from harmoniad.maps import Prediction
 
 Kind = Literal["harmoniad", "ablation", "baseline"]
 
@@ -30,8 +31,8 @@ def _harmoniad(name: str, **model: Any) -> Callable[[dict[str, Any]], Method]:
     """HarmoniAD with the ablation's fixed ``model`` settings; options may set model/train/score."""
 
     def build(options: dict[str, Any]) -> Method:
-        from harmoniad.config import from_dict
-        from harmoniad.inference import ScoreConfig
+        from harmoniad.runtime.serialization import from_dict
+        from harmoniad.maps import ScoreConfig
         from harmoniad.methods.harmoniad import HarmoniADMethod
         from harmoniad.model import ModelConfig
         from harmoniad.train import TrainConfig
@@ -54,7 +55,7 @@ def _baseline(module: str, cls: str, config_cls: str, **fixed: Any) -> Callable[
     def build(options: dict[str, Any]) -> Method:
         import importlib
 
-        from harmoniad.config import from_dict
+        from harmoniad.runtime.serialization import from_dict
 
         mod = importlib.import_module(f"harmoniad.methods.{module}")
         config = from_dict(getattr(mod, config_cls), {**options, **fixed}, where=f"options of method {cls}")

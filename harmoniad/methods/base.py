@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 
+from harmoniad.backbone import BackboneConfig
 from harmoniad.data import Sample
-from harmoniad.progress import ProgressFn, silent
+from harmoniad.maps import Prediction
+from harmoniad.runtime.progress import ProgressFn, silent
 
 
 def single_category(test: list[Sample], who: str) -> str:
@@ -32,39 +34,18 @@ def single_category(test: list[Sample], who: str) -> str:
 
 
 @dataclass
-class Prediction:
-    """Scores and maps for N test images, maps at the evaluation resolution.
-
-    ``high_maps``/``low_maps`` are the frequency-branch maps; methods without branches
-    leave them None.
-    """
-
-    scores: np.ndarray  # (N,) float32, higher = more anomalous
-    maps: np.ndarray  # (N, R, R) float32
-    high_maps: np.ndarray | None = None
-    low_maps: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        n = len(self.scores)
-        for name in ("maps", "high_maps", "low_maps"):
-            value = getattr(self, name)
-            if value is not None and (value.ndim != 3 or value.shape[0] != n):
-                raise ValueError(f"Prediction.{name} must be (N={n}, H, W), got {value.shape}")
-
-
-@dataclass
 class Context:
     """What a method may use while fitting and predicting.
 
-    ``backbone`` is a ``harmoniad.backbone.BackboneConfig`` (None for methods that use no
-    backbone); methods obtain features through ``harmoniad.features.FeatureCache`` so that
-    all methods share the same cached features.
+    ``backbone`` is None for methods that use no backbone; methods obtain features through
+    :class:`harmoniad.backbone.cache.FeatureCache` so that all methods share the same cached
+    features. ``cache_root`` None means :func:`harmoniad.runtime.paths.cache_dir`.
     """
 
     resolution: int = 256
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    backbone: Any = None  # harmoniad.backbone.BackboneConfig | None
-    cache_root: Any = None  # pathlib.Path | None -> harmoniad.paths.cache_dir()
+    backbone: BackboneConfig | None = None
+    cache_root: Path | None = None
     seed: int = 0
     progress: ProgressFn = silent
 

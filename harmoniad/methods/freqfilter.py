@@ -18,11 +18,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harmoniad.config import to_dict
+from harmoniad.runtime.serialization import to_dict
 from harmoniad.data import Sample, read_image
-from harmoniad.inference import gaussian_blur, image_scores
-from harmoniad.methods.base import Context, Method, Prediction, single_category
-from harmoniad.progress import Progress
+from harmoniad.maps import gaussian_blur, image_scores
+from harmoniad.methods.base import Context, Method, single_category
+from harmoniad.maps import Prediction
+from harmoniad.runtime.progress import Progress
 
 _GRAY_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32) / 255.0  # ITU-R BT.601 luma, to [0, 1]
 

@@ -1,5 +1,10 @@
 """HarmoniAD (and its ablations) as an evaluation method: train once on all categories, then score.
 
+:class:`Scorer` ties a trained model to its features: a
+:class:`~harmoniad.backbone.cache.FeatureCache` (images scored many times, evaluation) or a
+:class:`~harmoniad.backbone.Backbone` (images seen once, the CLI's folder scoring, the
+benchmark); :func:`harmoniad.maps.finalize_maps` turns its grid maps into final maps.
+
 The checkpoint directory is named by a hash of everything that determines the weights
 (backbone, model and training configs, training images), so a repeated run reuses the
 trained heads and an interrupted training resumes where it stopped.
@@ -9,16 +14,160 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from harmoniad.config import to_dict
+import numpy as np
+import torch
+
+from harmoniad.backbone import Backbone, BackboneConfig
+from harmoniad.backbone.cache import FeatureCache
 from harmoniad.data import Sample
-from harmoniad.inference import ScoreConfig, Scorer
-from harmoniad.methods.base import Context, Method, Prediction
-from harmoniad.model import ModelConfig
-from harmoniad.paths import cache_dir
-from harmoniad.train import TrainConfig, train
+from harmoniad.data.loading import batch_len, decoded_batches, default_workers
+from harmoniad.maps import FinalMaps, Prediction, ScoreConfig, finalize_maps, prediction_from
+from harmoniad.methods.base import Context, Method
+from harmoniad.model import HarmoniAD, ModelConfig
+from harmoniad.runtime.device import AdaptiveBatch, autocast, maybe_compile, resolve_device
+from harmoniad.runtime.paths import cache_dir
+from harmoniad.runtime.progress import Progress, ProgressFn, silent
+from harmoniad.runtime.serialization import to_dict
+from harmoniad.train import CheckpointInfo, TrainConfig, load_checkpoint, train
+
+
+class Scorer:
+    """Scores images with a trained model through a feature cache or a live backbone.
+
+    ``features`` is a :class:`FeatureCache` (cached features, extracted on a miss) or a
+    :class:`Backbone` (features computed on the fly, nothing written), or None to score
+    precomputed features only (:meth:`score_features`).
+    """
+
+    def __init__(
+        self,
+        model: HarmoniAD,
+        features: FeatureCache | Backbone | None = None,
+        cfg: ScoreConfig = ScoreConfig(),
+        *,
+        device: str | torch.device = "auto",
+        batch_size: int = 16,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"Scorer.batch_size must be >= 1, got {batch_size}")
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.features = features
+        self.cfg = cfg
+        self.batch_size = batch_size
+        #: What the forward pass runs through: the model, or its ``torch.compile`` wrapper (``cfg.compile``).
+        self.net = maybe_compile(self.model, cfg.compile)
+        # Images per forward pass of a live backbone; halves itself on CUDA out-of-memory.
+        self._chunks = AdaptiveBatch(batch_size)
+        #: The checkpoint's settings when built by :meth:`from_checkpoint`.
+        self.info: CheckpointInfo | None = None
+        if features is not None:
+            self._check_shapes(features)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        cfg: ScoreConfig = ScoreConfig(),
+        *,
+        device: str | torch.device = "auto",
+        use_cache: bool = True,
+        cache_root: Path | None = None,
+        batch_size: int = 16,
+        backbone: BackboneConfig | None = None,
+    ) -> Scorer:
+        """Load a checkpoint and attach the backbone it was trained on (or ``backbone``)."""
+        dev = resolve_device(device)
+        model, info = load_checkpoint(path, device=dev)
+        bcfg = backbone or info.backbone
+        features: FeatureCache | Backbone | None = None
+        if bcfg is not None:
+            if use_cache:
+                features = FeatureCache(bcfg, root=cache_root, batch_size=batch_size, device=dev)
+            else:
+                features = Backbone(bcfg, dev)
+        scorer = cls(model, features, cfg, device=dev, batch_size=batch_size)
+        scorer.info = info
+        return scorer
+
+    def _check_shapes(self, features: FeatureCache | Backbone) -> None:
+        if isinstance(features, FeatureCache):
+            shapes = features.feature_shapes
+        else:
+            shapes = [(features.embed_dim, *features.grid)] * features.num_layers
+        want = self.model.in_dim, self.model.num_layers
+        if len(shapes) != want[1] or any(s[0] != want[0] for s in shapes):
+            raise ValueError(
+                f"backbone features are {len(shapes)} layers of shape {shapes[0] if shapes else None}, but the "
+                f"model was trained on {want[1]} layers of {want[0]} channels; use the checkpoint's backbone config"
+            )
+
+    # -- entry points -------------------------------------------------------------------------
+    def score_features(self, feats: Sequence[torch.Tensor]) -> FinalMaps:
+        """Per-layer ``B x C x h x w`` features -> final maps and scores (tensors on the device)."""
+        with torch.inference_mode():
+            x = [f.to(self.device, non_blocking=True) for f in feats]
+            with autocast(self.device):
+                out = self.net(x)
+            return finalize_maps(self.model.output_maps(out), self.cfg)
+
+    def score_tensor(self, images: torch.Tensor) -> FinalMaps:
+        """Preprocessed ``B x 3 x S x S`` images -> final maps (backbone, split, branches, maps, smoothing)."""
+        return self.score_features(self._backbone().extract(images))
+
+    def score_images(self, images: Sequence[np.ndarray], progress: ProgressFn | None = None) -> Prediction:
+        """``H x W x 3`` uint8 RGB arrays -> :class:`~harmoniad.methods.base.Prediction`."""
+        backbone = self._backbone()
+        meter = Progress("score", len(images), progress)
+        parts = []
+        for start in range(0, len(images), self.batch_size):
+            batch = images[start : start + self.batch_size]
+            parts.append(self.score_tensor(backbone.preprocess(list(batch))))
+            meter.update(len(batch))
+        return prediction_from(parts)
+
+    def score_paths(self, paths: Sequence[str | Path], progress: ProgressFn | None = None) -> Prediction:
+        """Image files -> Prediction, in ``paths`` order, a batch at a time."""
+        if not paths:
+            raise ValueError("Scorer.score_paths: no images to score")
+        if self.features is None:
+            raise ValueError("Scorer has no backbone or feature cache; use score_features")
+        if isinstance(self.features, FeatureCache):
+            # Extract every missing feature first, in full batches and with its own progress.
+            self.features.ensure(paths, progress=progress)
+        meter = Progress("score", len(paths), progress)
+        parts = []
+        if isinstance(self.features, FeatureCache):
+            for start in range(0, len(paths), self.batch_size):
+                batch = [Path(p) for p in paths[start : start + self.batch_size]]
+                parts.append(self.score_features(self.features.load(batch, progress=silent)))
+                meter.update(len(batch))
+            return prediction_from(parts)
+        # A live backbone: images decoded ahead (worker processes + pinned memory on CUDA).
+        backbone = self.features
+        on_cuda = self.device.type == "cuda"
+        for images in decoded_batches(
+            paths, self.batch_size, workers=default_workers(self.device), processes=on_cuda, pin_memory=on_cuda
+        ):
+            n = batch_len(images)
+            parts.extend(self._chunks.run(n, lambda a, b, x=images: self.score_tensor(backbone.preprocess(x[a:b]))))
+            meter.update(n)
+        return prediction_from(parts)
+
+    def score_samples(self, samples: Sequence[Any], progress: ProgressFn | None = None) -> Prediction:
+        """``Sample`` records -> Prediction, in order."""
+        return self.score_paths([s.image_path for s in samples], progress)
+
+    def _backbone(self) -> Backbone:
+        if isinstance(self.features, Backbone):
+            return self.features
+        if isinstance(self.features, FeatureCache):
+            return self.features.backbone
+        raise ValueError("Scorer has no backbone; build it with a Backbone or a FeatureCache")
 
 
 class HarmoniADMethod(Method):

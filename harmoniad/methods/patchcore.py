@@ -20,12 +20,13 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from harmoniad.config import to_dict
+from harmoniad.runtime.serialization import to_dict
 from harmoniad.data import Sample
-from harmoniad.features import FeatureCache
-from harmoniad.inference import resize_and_blur
-from harmoniad.methods.base import Context, Method, Prediction, single_category
-from harmoniad.progress import Progress, ProgressFn
+from harmoniad.backbone.cache import FeatureCache
+from harmoniad.maps import resize_and_blur
+from harmoniad.methods.base import Context, Method, single_category
+from harmoniad.maps import Prediction
+from harmoniad.runtime.progress import Progress, ProgressFn
 
 _ALL = "*"  # bank key of the multi-class bank
 

@@ -17,12 +17,13 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from harmoniad.backbone import Backbone
-from harmoniad.config import to_dict
+from harmoniad.runtime.serialization import to_dict
 from harmoniad.data import Sample, read_image
-from harmoniad.device import autocast
-from harmoniad.inference import resize_and_blur
-from harmoniad.methods.base import Context, Method, Prediction, single_category
-from harmoniad.progress import Progress
+from harmoniad.runtime.device import autocast
+from harmoniad.maps import resize_and_blur
+from harmoniad.methods.base import Context, Method, single_category
+from harmoniad.maps import Prediction
+from harmoniad.runtime.progress import Progress
 
 # State words of WinCLIP's compositional prompt ensemble ("{}" is the object name).
 NORMAL_STATES: tuple[str, ...] = (

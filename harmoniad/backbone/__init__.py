@@ -1,0 +1,41 @@
+"""The frozen CLIP backbone: open_clip loading (:mod:`.encoder`), feature sources and the on-disk cache."""
+
+from harmoniad.backbone.encoder import (
+    ALLOW_DOWNLOAD_ENV,
+    Backbone,
+    BackboneConfig,
+    BackboneError,
+    BackboneSpec,
+    BackboneWeightsError,
+    RANDOM_SEED,
+    TINY_BACKBONE,
+    TINY_MODEL,
+    WEIGHTS_ENV,
+    backbone_key,
+    default_layers,
+    file_sha256,
+    locate_pretrained,
+    memo_file_sha256,
+    register_model_configs,
+    resolve_spec,
+)
+
+__all__ = [
+    "ALLOW_DOWNLOAD_ENV",
+    "Backbone",
+    "BackboneConfig",
+    "BackboneError",
+    "BackboneSpec",
+    "BackboneWeightsError",
+    "RANDOM_SEED",
+    "TINY_BACKBONE",
+    "TINY_MODEL",
+    "WEIGHTS_ENV",
+    "backbone_key",
+    "default_layers",
+    "file_sha256",
+    "locate_pretrained",
+    "memo_file_sha256",
+    "register_model_configs",
+    "resolve_spec",
+]

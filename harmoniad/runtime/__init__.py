@@ -1,0 +1,1 @@
+"""Process plumbing every stage shares: atomic writes, paths, device, progress, distributed, configs."""

@@ -1,0 +1,28 @@
+"""Training HarmoniAD: settings (:mod:`.config`), the loop (:mod:`.loop`), checkpoints (:mod:`.checkpoint`)."""
+
+from harmoniad.train.checkpoint import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    CheckpointError,
+    CheckpointInfo,
+    load_checkpoint,
+    read_checkpoint_info,
+    save_checkpoint,
+)
+from harmoniad.train.config import TrainConfig
+from harmoniad.train.loop import build_model, train
+
+__all__ = [
+    "CONFIG_FILE",
+    "MODEL_FILE",
+    "STATE_FILE",
+    "CheckpointError",
+    "CheckpointInfo",
+    "TrainConfig",
+    "build_model",
+    "load_checkpoint",
+    "read_checkpoint_info",
+    "save_checkpoint",
+    "train",
+]

@@ -1,0 +1,191 @@
+"""Training: the loss goes down, checkpoints round-trip exactly, resume == uninterrupted, strict configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from harmoniad.runtime.serialization import ConfigError
+from harmoniad.model import HarmoniAD, ModelConfig
+from harmoniad.runtime.progress import Cancelled, ProgressEvent
+from harmoniad.train import CONFIG_FILE, MODEL_FILE, STATE_FILE, CheckpointError, CheckpointInfo, TrainConfig, build_model, load_checkpoint, read_checkpoint_info, save_checkpoint, train
+from harmoniad.backbone.sources import TensorSource
+
+
+MODEL = ModelConfig(hidden_dim=16, fsam_heads=2, gscm_heads=2, decoder_heads=2, fsam_window=4)
+
+
+def _structured_feats(n: int = 12, c: int = 16, grid: tuple[int, int] = (6, 6), layers: int = 2) -> list[torch.Tensor]:
+    """Low-rank features: a few smooth latent fields mixed into channels by fixed per-layer matrices."""
+    gen = torch.Generator().manual_seed(0)
+    latent = torch.nn.functional.avg_pool2d(torch.randn(n, 3, grid[0] + 2, grid[1] + 2, generator=gen), 3, 1)
+    out = []
+    for _ in range(layers):
+        mix = torch.randn(c, 3, generator=gen)
+        offset = torch.randn(c, 1, 1, generator=gen)
+        out.append(torch.einsum("cr,nrhw->nchw", mix, latent) + offset + 0.05 * torch.randn(n, c, *grid, generator=gen))
+    return out
+
+
+def _eval_loss(model: HarmoniAD, feats: list[torch.Tensor]) -> float:
+    with torch.no_grad():
+        return model.eval().loss(model(feats)).recon
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor() -> None:
+    cfg = TrainConfig(lr=1e-2, warmup_fraction=0.2, min_lr_ratio=0.1)
+    lrs = [cfg.lr_at(s, 50) for s in range(50)]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[9] == pytest.approx(1e-2)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] == pytest.approx(1e-3, rel=0.02)
+    assert TrainConfig(epochs=3, batch_size=5).total_steps(12) == 9
+    assert TrainConfig(max_steps=7).total_steps(12) == 7
+
+
+def test_training_lowers_the_loss_and_reports_progress(tmp_path: Path) -> None:
+    feats = _structured_feats()
+    cfg = TrainConfig(max_steps=40, batch_size=6, lr=3e-3, checkpoint_every=1000)
+    before = _eval_loss(build_model(MODEL, 16, 2, cfg.seed), feats)
+    events: list[ProgressEvent] = []
+    out = train(TensorSource(feats), None, MODEL, cfg, tmp_path / "run", progress=events.append)
+    model, info = load_checkpoint(out)
+    after = _eval_loss(model, feats)
+    assert after < 0.5 * before, (before, after)
+    assert events[-1].done == events[-1].total == 40 and "loss" in events[-1].info
+    assert info.result["steps"] == 40 and info.in_dim == 16 and info.grid == (6, 6) and info.backbone is None
+    assert not (out / STATE_FILE).exists()
+
+
+def test_checkpoint_round_trip_gives_identical_maps(tmp_path: Path) -> None:
+    feats = _structured_feats(n=3)
+    model = build_model(MODEL, 16, 2, seed=3).eval()
+    info = CheckpointInfo("harmoniad-checkpoint", 1, "test", MODEL, None, TrainConfig(), 16, 2, (6, 6))
+    save_checkpoint(tmp_path, model, info, {"steps": 0})
+    loaded, loaded_info = load_checkpoint(tmp_path)
+    assert loaded_info.model == MODEL and not loaded.training
+    with torch.no_grad():
+        a, b = model.maps(feats), loaded.maps(feats)
+    assert torch.equal(a.anomaly, b.anomaly) and torch.equal(a.high, b.high) and torch.equal(a.low, b.low)
+    raw = (tmp_path / MODEL_FILE).read_bytes()
+    assert b"pickle" not in raw[:4096] and json.loads((tmp_path / CONFIG_FILE).read_text())["in_dim"] == 16
+
+
+class _CrashingSource(TensorSource):
+    """Fails on the ``crash_at``-th batch load, like a killed process (the probe load is call 1)."""
+
+    def __init__(self, feats: list[torch.Tensor], crash_at: int) -> None:
+        super().__init__(feats)
+        self.calls, self.crash_at = 0, crash_at
+
+    def load(self, indices):
+        self.calls += 1
+        if self.calls == self.crash_at:
+            raise RuntimeError("simulated crash")
+        return super().load(indices)
+
+
+def test_resume_after_crash_equals_uninterrupted_run(tmp_path: Path) -> None:
+    feats = _structured_feats(n=10)
+    cfg = TrainConfig(max_steps=7, batch_size=4, checkpoint_every=2, lr=3e-3)
+    train(TensorSource(feats), None, MODEL, cfg, tmp_path / "a")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):  # dies while loading step 6's batch
+        train(_CrashingSource(feats, crash_at=7), None, MODEL, cfg, tmp_path / "b")
+    assert (tmp_path / "b" / STATE_FILE).is_file() and not (tmp_path / "b" / CONFIG_FILE).exists()
+    steps_seen: list[int] = []
+    train(TensorSource(feats), None, MODEL, cfg, tmp_path / "b", progress=lambda e: steps_seen.append(e.done))
+    assert steps_seen[0] == 5  # continued after the last periodic checkpoint (step 4), not from scratch
+    a, b = load_file(str(tmp_path / "a" / MODEL_FILE)), load_file(str(tmp_path / "b" / MODEL_FILE))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cancel_saves_the_state_and_resume_finishes_identically(tmp_path: Path) -> None:
+    feats = _structured_feats(n=10)
+    cfg = TrainConfig(max_steps=5, batch_size=4, checkpoint_every=100, lr=3e-3)
+    train(TensorSource(feats), None, MODEL, cfg, tmp_path / "a")
+
+    def cancel(event: ProgressEvent) -> None:
+        raise Cancelled
+
+    with pytest.raises(Cancelled):
+        train(TensorSource(feats), None, MODEL, cfg, tmp_path / "b", progress=cancel)
+    steps_seen: list[int] = []
+    train(TensorSource(feats), None, MODEL, cfg, tmp_path / "b", progress=lambda e: steps_seen.append(e.done))
+    assert steps_seen[0] == 2  # the first report (step 1) cancelled; its state was saved
+    a, b = load_file(str(tmp_path / "a" / MODEL_FILE)), load_file(str(tmp_path / "b" / MODEL_FILE))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_state_from_other_settings_is_refused(tmp_path: Path) -> None:
+    feats = _structured_feats(n=6)
+    cfg = TrainConfig(max_steps=4, batch_size=3, checkpoint_every=2)
+
+    def stop(event: ProgressEvent) -> None:
+        raise Cancelled
+
+    with pytest.raises(Cancelled):
+        train(TensorSource(feats), None, MODEL, cfg, tmp_path, progress=stop)
+    with pytest.raises(CheckpointError, match="different settings"):
+        train(TensorSource(feats), None, MODEL, TrainConfig(max_steps=4, batch_size=3, lr=5e-3), tmp_path)
+
+
+def test_finished_checkpoint_is_reused_or_refused(tmp_path: Path) -> None:
+    feats = _structured_feats(n=4)
+    cfg = TrainConfig(max_steps=2, batch_size=2)
+    train(TensorSource(feats), None, MODEL, cfg, tmp_path)
+    stamp = (tmp_path / MODEL_FILE).stat().st_mtime_ns
+    calls: list[ProgressEvent] = []
+    train(TensorSource(feats), None, MODEL, cfg, tmp_path, progress=calls.append)
+    assert calls == [] and (tmp_path / MODEL_FILE).stat().st_mtime_ns == stamp
+    with pytest.raises(CheckpointError, match="different settings"):
+        train(TensorSource(feats), None, MODEL, TrainConfig(max_steps=3, batch_size=2), tmp_path)
+
+
+def _checkpoint(tmp_path: Path) -> Path:
+    model = build_model(MODEL, 16, 2, seed=0)
+    info = CheckpointInfo("harmoniad-checkpoint", 1, "test", MODEL, None, TrainConfig(), 16, 2, (6, 6))
+    save_checkpoint(tmp_path, model, info, {})
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "edit, error, match",
+    [
+        (lambda c: c.update(surprise=1), ConfigError, "unknown CheckpointInfo keys"),
+        (lambda c: c["model"].update(attention="full"), ConfigError, "unknown ModelConfig keys"),
+        (lambda c: c["train"].update(lr="fast"), ConfigError, "TrainConfig.lr"),
+        (lambda c: c.update(format="other"), ConfigError, "format"),
+        (lambda c: c.update(in_dim=32), CheckpointError, "wrong shapes"),
+        (lambda c: c["model"].update(branches="high"), CheckpointError, "unexpected"),
+    ],
+)
+def test_crafted_configs_are_refused(tmp_path: Path, edit, error, match) -> None:
+    directory = _checkpoint(tmp_path)
+    config = json.loads((directory / CONFIG_FILE).read_text())
+    edit(config)
+    (directory / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(error, match=match):
+        load_checkpoint(directory)
+
+
+def test_missing_files_are_named(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="config.json"):
+        read_checkpoint_info(tmp_path)
+    directory = _checkpoint(tmp_path)
+    (directory / MODEL_FILE).unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_checkpoint(directory)
+
+
+def test_anomalous_samples_are_refused(tmp_path: Path) -> None:
+    from harmoniad.backbone import TINY_BACKBONE
+    from harmoniad.data import Sample
+
+    bad = Sample(tmp_path / "x.png", tmp_path / "m.png", "cat", "crack", 1, "test")
+    with pytest.raises(ValueError, match="normal images only"):
+        train([bad], TINY_BACKBONE, MODEL, TrainConfig(), tmp_path / "out")
