@@ -1,4 +1,4 @@
-"""Frequency split of feature maps (DESIGN section 2, step 2).
+"""Frequency split of feature maps (docs/design.md#frequency-split).
 
 A layer map ``F`` (B x C x h x w) is moved to the frequency domain with an orthonormal 2-D
 FFT over ``h x w``; a radial low-pass mask keeps the frequencies below a cutoff and the

@@ -1,6 +1,6 @@
 """FSAM, the fine-grained structural attention module of the high-frequency branch.
 
-DESIGN section 2, step 3: on ``F_high`` it sharpens textures and edges, which is where
+docs/design.md#fsam: on ``F_high`` it sharpens textures and edges, which is where
 small structural defects (scratches, cracks, pin holes) live. Each block has three parts,
 chosen for that job:
 
