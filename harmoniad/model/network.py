@@ -1,6 +1,6 @@
 """HarmoniAD: per-layer target normalisation, frequency split, band-supervised FSAM and GSCM, fusion.
 
-DESIGN section 2, steps 2-8. The input is the list of frozen encoder maps ``F_l``
+docs/design.md#method. The input is the list of frozen encoder maps ``F_l``
 (B x C x h x w, one per chosen backbone block, ``l = 1..L``). Data flow:
 
 1. **normalise** every layer per channel with statistics of the training normals
@@ -20,7 +20,7 @@ DESIGN section 2, steps 2-8. The input is the list of frozen encoder maps ``F_l`
    high tokens and **GSCM** (global linear attention; ``gscm_depth`` blocks) on the low tokens
    are the two decoders; per-layer heads (D -> C) give ``R_high_l`` and ``R_low_l``.
 
-Losses (step 8), each branch against its own band, weights in the config::
+Losses (docs/design.md#losses), each branch against its own band, weights in the config::
 
     L = w_high * mean_l D(R_high_l, X_high_l) + w_low * mean_l D(R_low_l, X_low_l)
 
@@ -30,7 +30,7 @@ variance, so none dominates); ``"group_cos"``, ``1 - cos`` averaged over ``cos_g
 channel groups (Dinomaly's loose cosine); with ``hard_mining_fraction < 1`` only the hardest
 fraction of positions per layer enters the mean (hard-point mining).
 
-Maps (step 6), at grid resolution, averaged over layers::
+Maps (docs/design.md#anomaly-and-branch-maps), at grid resolution, averaged over layers::
 
     high map  M_h = mean_l D(R_high_l, X_high_l)        low map  M_l = mean_l D(R_low_l, X_low_l)
     anomaly   A   = fuse(z_h, z_l),  z_b = (M_b - m_b) / s_b
@@ -76,32 +76,32 @@ class ModelConfig:
     """
 
     hidden_dim: int = 256
-    # Target normalisation (step 1).
+    # Target normalisation (docs/design.md#target-normalisation).
     normalize: bool = True
-    # Frequency split (step 2).
+    # Frequency split (docs/design.md#frequency-split).
     split: bool = True
     cutoff: float = 0.25
     soft_edge: float = 0.0
     learnable_cutoff: bool = False
     branches: Branches = "both"
-    # Noisy bottleneck (step 3), training only.
+    # Noisy bottleneck, training only (docs/design.md#branch-inputs-and-the-noisy-bottleneck).
     feature_noise: float = 0.5
     token_dropout: float = 0.2
     bottleneck_dropout: float = 0.1
     # Absolute position code on the branch inputs: where a part should be (missing / displaced parts).
     pos_embed: bool = False
-    # FSAM, high branch (step 4).
+    # FSAM, high branch (docs/design.md#fsam).
     fsam_depth: int = 2
     fsam_heads: int = 4
     fsam_window: int = 7
     fsam_kernel: int = 3
     fsam_gate_reduction: int = 4
-    # GSCM, low branch (step 4).
+    # GSCM, low branch (docs/design.md#gscm).
     gscm_depth: int = 2
     gscm_heads: int = 4
     gscm_pos_conv: bool = True
     mlp_ratio: float = 2.0
-    # Loss and maps (steps 6, 8).
+    # Loss and maps (docs/design.md#losses, docs/design.md#anomaly-and-branch-maps).
     distance: Distance = "mse"
     cos_groups: int = 4
     hard_mining_fraction: float = 1.0
@@ -422,7 +422,7 @@ class HarmoniAD(nn.Module):
         return w * z[0] + (1.0 - w) * z[1]
 
     def output_maps(self, out: ModelOutput) -> GridMaps:
-        """Grid-resolution maps: branch distances to their bands and their fusion (step 6)."""
+        """Grid-resolution maps: branch distances to their bands and their fusion."""
         maps = self.branch_maps(out)
         return GridMaps(anomaly=self.fuse(maps), high=maps.get("high"), low=maps.get("low"))
 
