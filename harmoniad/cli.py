@@ -63,7 +63,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     samples = load_dataset(args.dataset, args.root, args.categories, split="train")
     sizes = {} if args.hidden_dim is None else {"hidden_dim": args.hidden_dim}
-    model_cfg = ModelConfig(split=not args.no_split, branches=args.branches, cutoff=args.cutoff, **sizes)
+    if args.cutoff is not None:
+        sizes["cutoff"] = args.cutoff
+    model_cfg = ModelConfig(split=not args.no_split, branches=args.branches, **sizes)
     train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                             checkpoint_every=args.checkpoint_every)
     out = args.out or cache_dir() / "checkpoints" / f"{args.dataset}-{args.model}"
@@ -208,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-split", action="store_true", help="ablation: no frequency split")
     p.add_argument("--branches", choices=["both", "high", "low"], default="both")
-    p.add_argument("--cutoff", type=float, default=0.25, help="low-pass radius as a fraction of Nyquist")
+    p.add_argument("--cutoff", type=float, default=None,
+                   help="low-pass radius as a fraction of Nyquist (default: ModelConfig's)")
     p.add_argument("--hidden-dim", type=int, default=None, help="width of the heads (default: ModelConfig's)")
     p.add_argument("--checkpoint-every", type=int, default=200,
                    help="save the training state every N steps; a killed run resumes from it (default: %(default)s)")

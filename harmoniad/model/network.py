@@ -35,10 +35,11 @@ Maps (docs/design.md#anomaly-and-branch-maps), at grid resolution, averaged over
     high map  M_h = mean_l D(R_high_l, X_high_l)        low map  M_l = mean_l D(R_low_l, X_low_l)
     anomaly   A   = fuse(z_h, z_l),  z_b = (M_b - m_b) / s_b
 
-``m_b``, ``s_b`` are the mean and standard deviation of each branch map over the training
-normals, measured after training (:meth:`HarmoniAD.calibrate`, stored in the checkpoint):
-the fusion is learned on normal data only. ``fusion="mean"`` averages the two standardised
-maps, ``"max"`` takes the larger (a defect in either band raises the anomaly map).
+``m_b`` and ``s_b = Q_b - m_b`` come from each branch map on the training normals, measured
+after training (:meth:`HarmoniAD.calibrate`: median ``m_b`` and ``fusion_quantile`` quantile
+``Q_b``; buffers in the checkpoint): the fusion is learned on normal data only.
+``fusion="mean"`` is ``w z_h + (1 - w) z_l`` with ``w = fusion_high_weight``; ``"max"``
+takes the larger (a defect in either band raises the anomaly map).
 
 Ablations are config values: ``split=False`` feeds both branches the whole normalised
 features and makes both reconstruct them; ``branches="high"`` / ``"low"`` keeps one branch,
@@ -80,13 +81,13 @@ class ModelConfig:
     normalize: bool = True
     # Frequency split (docs/design.md#frequency-split).
     split: bool = True
-    cutoff: float = 0.25
+    cutoff: float = 0.5
     soft_edge: float = 0.0
     learnable_cutoff: bool = False
     branches: Branches = "both"
     # Noisy bottleneck, training only (docs/design.md#branch-inputs-and-the-noisy-bottleneck).
     feature_noise: float = 0.5
-    token_dropout: float = 0.2
+    token_dropout: float = 0.5
     bottleneck_dropout: float = 0.1
     # Absolute position code on the branch inputs: where a part should be (missing / displaced parts).
     pos_embed: bool = False
@@ -109,7 +110,7 @@ class ModelConfig:
     low_loss_weight: float = 1.0
     fusion: Fusion = "mean"
     fusion_quantile: float = 0.99
-    fusion_high_weight: float = 0.5
+    fusion_high_weight: float = 0.7
 
     def __post_init__(self) -> None:
         if self.branches not in ("both", "high", "low"):

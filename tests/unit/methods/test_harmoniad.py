@@ -76,7 +76,6 @@ def test_trained_tiny_model_finds_large_defects(tmp_path: Path) -> None:
     assert labels.sum() >= 2 and (labels == 0).sum() >= 2
     pixel = pixel_metrics(masks, pred.maps)
     image = image_metrics(labels, pred.scores)
-    print("GRAIN", pixel["auroc"], image["auroc"])
     assert pixel["auroc"] > 0.85, pixel
-    assert image["auroc"] >= 0.8, image
+    assert image["auroc"] >= 0.9, image
     assert pred.scores[labels == 1].mean() > pred.scores[labels == 0].mean()
