@@ -32,14 +32,14 @@ fraction of positions per layer enters the mean (hard-point mining).
 
 Maps (docs/design.md#anomaly-and-branch-maps), at grid resolution, averaged over layers::
 
-    high map  M_h = mean_l D(R_high_l, X_high_l)        low map  M_l = mean_l D(R_low_l, X_low_l)
-    anomaly   A   = fuse(z_h, z_l),  z_b = (M_b - m_b) / s_b
+    high map   M_h = mean_l D(R_high_l, X_high_l)        low map  M_l = mean_l D(R_low_l, X_low_l)
+    joint map  M_j = mean_l 1 - cos(R_high_l + R_low_l, X_l)
+    anomaly    A   = w z_h + (1 - w) z_j,   z = (M - m) / (Q - m)
 
-``m_b`` and ``s_b = Q_b - m_b`` come from each branch map on the training normals, measured
-after training (:meth:`HarmoniAD.calibrate`: median ``m_b`` and ``fusion_quantile`` quantile
-``Q_b``; buffers in the checkpoint): the fusion is learned on normal data only.
-``fusion="mean"`` is ``w z_h + (1 - w) z_l`` with ``w = fusion_high_weight``; ``"max"``
-takes the larger (a defect in either band raises the anomaly map).
+``m`` and ``Q`` are each map's median and ``fusion_quantile`` quantile on the training
+normals, measured after training (:meth:`HarmoniAD.calibrate`; buffers in the checkpoint):
+the fusion is learned on normal data only. ``w = fusion_high_weight``; ``fusion="mean"``
+uses ``z_l`` instead of ``z_j``, ``"max"`` is ``max(z_h, z_l)``.
 
 Ablations are config values: ``split=False`` feeds both branches the whole normalised
 features and makes both reconstruct them; ``branches="high"`` / ``"low"`` keeps one branch,
@@ -63,8 +63,9 @@ from harmoniad.model.layers import map_to_tokens, noisy_dropout
 
 Branches = Literal["both", "high", "low"]
 Distance = Literal["mse", "group_cos"]
-Fusion = Literal["mean", "max"]
+Fusion = Literal["joint", "mean", "max"]
 BANDS = ("high", "low")
+MAPS = ("high", "low", "joint")  # the maps the fusion standardises
 
 
 @dataclass(frozen=True)
@@ -108,9 +109,9 @@ class ModelConfig:
     hard_mining_fraction: float = 1.0
     high_loss_weight: float = 1.0
     low_loss_weight: float = 1.0
-    fusion: Fusion = "mean"
+    fusion: Fusion = "joint"
     fusion_quantile: float = 0.99
-    fusion_high_weight: float = 0.7
+    fusion_high_weight: float = 0.5
 
     def __post_init__(self) -> None:
         if self.branches not in ("both", "high", "low"):
@@ -121,8 +122,8 @@ class ModelConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.distance not in ("mse", "group_cos"):
             raise ValueError(f"distance must be 'mse' or 'group_cos', got {self.distance!r}")
-        if self.fusion not in ("mean", "max"):
-            raise ValueError(f"fusion must be 'mean' or 'max', got {self.fusion!r}")
+        if self.fusion not in ("joint", "mean", "max"):
+            raise ValueError(f"fusion must be 'joint', 'mean' or 'max', got {self.fusion!r}")
         for name in ("token_dropout", "bottleneck_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -204,6 +205,14 @@ def position_distance(recon: torch.Tensor, target: torch.Tensor, kind: Distance 
     dot = (r * t).sum(dim=-1)
     norms = torch.linalg.vector_norm(r, dim=-1) * torch.linalg.vector_norm(t, dim=-1)
     return (1.0 - dot / norms.clamp_min(eps)).mean(dim=-1)
+
+
+def cosine_distance(recon: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``1 - cos`` over the channel dimension, in float32: ``(B, N, C) -> (B, N)``."""
+    recon, target = recon.float(), target.float()
+    dot = (recon * target).sum(dim=-1)
+    norms = torch.linalg.vector_norm(recon, dim=-1) * torch.linalg.vector_norm(target, dim=-1)
+    return 1.0 - dot / norms.clamp_min(eps)
 
 
 def band_loss(recons: list[torch.Tensor], targets: list[torch.Tensor], kind: Distance, groups: int,
@@ -331,8 +340,8 @@ class HarmoniAD(nn.Module):
             if cfg.has_low else None
         )
         # Location and scale of the high and low maps on the training normals (set by ``calibrate``).
-        self.register_buffer("map_mean", torch.zeros(2))
-        self.register_buffer("map_std", torch.ones(2))
+        self.register_buffer("map_mean", torch.zeros(len(MAPS)))
+        self.register_buffer("map_std", torch.ones(len(MAPS)))
 
     @property
     def fsam(self) -> nn.Module | None:
@@ -402,7 +411,11 @@ class HarmoniAD(nn.Module):
         return Losses(total=total, high=parts["high"], low=parts["low"])
 
     def branch_maps(self, out: ModelOutput) -> dict[str, torch.Tensor]:
-        """The raw ``(B, h, w)`` high and low maps (only the branches present)."""
+        """The raw ``(B, h, w)`` maps: ``high``/``low`` for the branches present, ``joint`` when both are.
+
+        ``joint`` compares the two branches' outputs put back together with the whole
+        normalised feature: ``1 - cos(R_high + R_low, X)`` per position, averaged over layers.
+        """
         maps = {}
         for band in BANDS:
             recon, target = getattr(out, f"recon_{band}"), getattr(out, f"target_{band}")
@@ -410,17 +423,23 @@ class HarmoniAD(nn.Module):
                 dist = sum(position_distance(r, t, self.cfg.distance, self.cfg.cos_groups)
                            for r, t in zip(recon, target)) / len(recon)
                 maps[band] = dist.reshape(-1, *out.grid)
+        if out.recon_high is not None and out.recon_low is not None:
+            joint = sum(cosine_distance(rh.float() + rl.float(), x)
+                        for rh, rl, x in zip(out.recon_high, out.recon_low, out.target)) / len(out.target)
+            maps["joint"] = joint.reshape(-1, *out.grid)
         return maps
 
     def fuse(self, maps: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The anomaly map from the branch maps standardised by the training normals' statistics."""
-        z = [(maps[band] - self.map_mean[i]) / self.map_std[i] for i, band in enumerate(BANDS) if band in maps]
-        if len(z) == 1:
-            return z[0]
-        if self.cfg.fusion == "max":
-            return torch.maximum(*z)
+        """The anomaly map from the maps standardised by the training normals' statistics."""
+        z = {name: (maps[name] - self.map_mean[i]) / self.map_std[i] for i, name in enumerate(MAPS) if name in maps}
+        if "joint" not in z:  # one branch: its own map
+            return next(iter(z.values()))
         w = self.cfg.fusion_high_weight
-        return w * z[0] + (1.0 - w) * z[1]
+        if self.cfg.fusion == "joint":
+            return w * z["high"] + (1.0 - w) * z["joint"]
+        if self.cfg.fusion == "max":
+            return torch.maximum(z["high"], z["low"])
+        return w * z["high"] + (1.0 - w) * z["low"]
 
     def output_maps(self, out: ModelOutput) -> GridMaps:
         """Grid-resolution maps: branch distances to their bands and their fusion."""
@@ -449,15 +468,15 @@ class HarmoniAD(nn.Module):
         """
         was_training = self.training
         self.eval()
-        values: dict[str, list[torch.Tensor]] = {band: [] for band in BANDS}
+        values: dict[str, list[torch.Tensor]] = {name: [] for name in MAPS}
         for feats in batches:
-            for band, m in self.branch_maps(self(feats)).items():
-                values[band].append(m.float().flatten().cpu())
+            for name, m in self.branch_maps(self(feats)).items():
+                values[name].append(m.float().flatten().cpu())
         self.train(was_training)
-        for i, band in enumerate(BANDS):
-            if not values[band]:
+        for i, name in enumerate(MAPS):
+            if not values[name]:
                 continue
-            v = torch.cat(values[band])
+            v = torch.cat(values[name])
             if v.numel() > max_values:
                 v = v[:: math.ceil(v.numel() / max_values)]
             loc = v.median()

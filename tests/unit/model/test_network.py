@@ -220,23 +220,33 @@ def test_hard_mining_averages_only_the_hardest_positions() -> None:
         assert mined.loss(out).low > plain.loss(out).low
 
 
-@pytest.mark.parametrize("fusion", ["mean", "max"])
+@pytest.mark.parametrize("fusion", ["joint", "mean", "max"])
 def test_fusion_standardises_each_map_on_normal_data(fusion: str) -> None:
+    """Location and scale of every map come from normal data (median, 0.9-quantile); the anomaly map is
+    the documented combination of the standardised maps; the joint map is ``1 - cos(R_high + R_low, X)``."""
     feats, other = _feats(b=4), _feats(b=2, seed=5)
     cfg = ModelConfig(**SMALL, fusion=fusion, fusion_high_weight=0.7, fusion_quantile=0.9)
     model = _fitted(cfg, feats).eval()
     with torch.no_grad():
-        raw = model.maps(feats)
+        raw = model.branch_maps(model(feats))
         model.calibrate([[f[:2] for f in feats], [f[2:] for f in feats]])  # batch by batch
-        for i, band in enumerate(("high", "low")):
-            values = getattr(raw, band).flatten()
+        for i, name in enumerate(("high", "low", "joint")):
+            values = raw[name].flatten()
             assert float(model.map_mean[i]) == pytest.approx(float(values.median()), rel=1e-5)
             scale = float(torch.quantile(values, 0.9) - values.median())
             assert float(model.map_std[i]) == pytest.approx(scale, rel=1e-5)
-        maps = model.maps(other)
-        z = [(getattr(maps, b) - model.map_mean[i]) / model.map_std[i] for i, b in enumerate(("high", "low"))]
-        expected = torch.maximum(*z) if fusion == "max" else 0.7 * z[0] + 0.3 * z[1]
-        torch.testing.assert_close(maps.anomaly, expected)
+        out = model(other)
+        maps = model.output_maps(out)
+        joint = np.mean([
+            1 - ((rh + rl) * x).sum(-1) / (np.linalg.norm(rh + rl, axis=-1) * np.linalg.norm(x, axis=-1))
+            for rh, rl, x in zip(*([t.double().numpy() for t in ts] for ts in (out.recon_high, out.recon_low, out.target)))
+        ], axis=0).reshape(2, 6, 9)
+        np.testing.assert_allclose(model.branch_maps(out)["joint"].numpy(), joint, rtol=1e-4, atol=1e-6)
+        z = {name: (m - model.map_mean[i]) / model.map_std[i]
+             for i, (name, m) in enumerate((("high", maps.high), ("low", maps.low), ("joint", torch.from_numpy(joint).float())))}
+        expected = {"joint": 0.7 * z["high"] + 0.3 * z["joint"], "mean": 0.7 * z["high"] + 0.3 * z["low"],
+                    "max": torch.maximum(z["high"], z["low"])}[fusion]
+        torch.testing.assert_close(maps.anomaly, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -301,7 +311,7 @@ def test_wrong_inputs_are_refused_with_the_expected_shape() -> None:
 
 
 def test_config_round_trip_and_validation() -> None:
-    cfg = ModelConfig(**SMALL, branches="low", split=False, distance="group_cos", fusion="max")
+    cfg = ModelConfig(**SMALL, branches="low", split=False, distance="group_cos", fusion="mean")
     assert from_dict(ModelConfig, to_dict(cfg)) == cfg
     with pytest.raises(ConfigError):
         from_dict(ModelConfig, {**to_dict(cfg), "branches": "middle"})
