@@ -178,6 +178,24 @@ def evaluate(
             seed=request.seed,
             progress=_nested(report, name),
         )
+        # Weights that cannot be loaded fail this method's run (reported, exit 1 in the CLI),
+        # not the whole request: the other methods still run. Every rank sees the same files.
+        provenance, weights_error = None, None
+        if method.uses_backbone:
+            try:
+                provenance = _provenance(request.backbone)
+            except (ValueError, OSError) as exc:
+                weights_error = f"cannot load the backbone weights: {exc}"
+        if weights_error is not None:
+            if store is not None:
+                run_id = store.create_run(method=name, method_config=method.config(), dataset=request.dataset_label,
+                                          root=str(Path(request.root)), categories=categories,
+                                          backbone={"error": weights_error}, resolution=request.resolution,
+                                          request=to_dict(request))
+                run_ids.append(run_id)
+                store.fail_run(run_id, weights_error)
+            outer.update(len(categories) + 1, method=name)
+            continue
         if store is None:  # a non-main rank: its share of the work goes to rank 0's run
             _run_method(method, ctx, "", None, fit_train, test, categories, outer,
                         screen=screen, broken=loaded.broken, mask_memo=mask_memo, held=held, request=request)
@@ -188,7 +206,7 @@ def evaluate(
             dataset=request.dataset_label,
             root=str(Path(request.root)),
             categories=categories,
-            backbone=_provenance(request.backbone) if method.uses_backbone else None,
+            backbone=provenance,
             resolution=request.resolution,
             request=to_dict(request),
         )
@@ -319,7 +337,7 @@ def _run_method(
         })
         checkpoint = getattr(method, "checkpoint", None)
         if checkpoint is not None and any(fitted.values()):
-            save_checkpoint_thresholds(Path(checkpoint), fitted, _score_settings(method))
+            save_checkpoint_thresholds(Path(checkpoint), fitted, _score_settings(method, ctx))
         store.finish_run(run_id)
 
 
@@ -334,10 +352,11 @@ def _held_out_scores(method: Method, held: list[Sample], ctx: Context, screen: S
     return None if pred is None else np.asarray(pred.scores, dtype=np.float64)
 
 
-def _score_settings(method: Method) -> dict[str, Any]:
-    """The scoring settings a stored threshold is valid for (checked by ``score``)."""
+def _score_settings(method: Method, ctx: Context) -> dict[str, Any]:
+    """The scoring settings a stored threshold is valid for (checked by ``score``): the
+    method's score config at the evaluation resolution."""
     score = method.config().get("score")
-    return dict(score) if isinstance(score, Mapping) else {}
+    return {**(dict(score) if isinstance(score, Mapping) else {}), "resolution": ctx.resolution}
 
 
 def _pairs(files: Sequence[SkippedFile]) -> list[tuple[str, str]]:
