@@ -321,7 +321,9 @@ def _run_method(
                 details=report.details,
             )
             reports[category] = report
-            fitted[category] = {k: v for k, v in report.details["thresholds"].items() if k != "oracle"}
+            # The checkpoint keeps what was fitted on normals only (no test-set operating points).
+            fitted[category] = {k: {f: x for f, x in v.items() if f != "test"}
+                                for k, v in report.details["thresholds"].items() if k != "oracle"}
         except Cancelled:
             raise
         except Exception as exc:  # noqa: BLE001 - recorded, the other categories go on

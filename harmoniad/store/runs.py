@@ -705,6 +705,13 @@ class ResultStore:
 
         return export_csv(self, run_id, directory)
 
+    def export_details_csv(self, run_id: str, directory: str | os.PathLike[str]) -> list[Path]:
+        """Write the run's per-defect results, thresholds and skipped files as CSV
+        (:func:`.export.export_details_csv`)."""
+        from harmoniad.store.export import export_details_csv
+
+        return export_details_csv(self, run_id, directory)
+
     # ------------------------------------------------------------------ stale runs
     def reap_interrupted(self) -> list[str]:
         """Mark ``running`` runs whose writer process died (on this host) as failed; return their ids."""
