@@ -591,6 +591,21 @@ class ResultStore:
 
         return paired_test(self, run_a, run_b, pixel=pixel, n_resamples=n_resamples, seed=seed)
 
+    def seed_summary(self, run_ids: Sequence[str]) -> pd.DataFrame:
+        """Mean ± sd of every metric over runs that differ only in their seed (same method,
+        dataset and request otherwise): ``category`` (and ``"mean"``), ``metric``, ``mean``,
+        ``sd``, ``n``."""
+        from harmoniad.store.details import seed_summary
+
+        return seed_summary(self, list(run_ids))
+
+    def friedman(self, run_ids: Sequence[str], metric: str = "image_auroc", alpha: float = 0.05) -> dict[str, Any]:
+        """Friedman test over shared categories for three or more runs (one per method), with
+        average ranks, Nemenyi's critical difference and the cliques of a CD diagram."""
+        from harmoniad.store.details import friedman
+
+        return friedman(self, list(run_ids), metric, alpha)
+
     def metrics_table(
         self,
         *,
