@@ -118,6 +118,21 @@ def run_json(store: ResultStore, run_id: str) -> dict[str, Any]:
             "defects": [{k: d.get(k) for k in DEFECT_COLUMNS[1:]} for d in det.get("defects", [])],
             "thresholds": det.get("thresholds") or {},
         })
+    # Categories never recorded: failed with the run's reason (e.g. its fit failed), or pending.
+    recorded = set(metrics["category"])
+    for category in info.categories:
+        if category not in recorded:
+            results.append({
+                "method": info.method, "category": category,
+                "status": "failed" if info.status == "failed" else "pending",
+                "reason": _reason(info.error) if info.status == "failed" else None,
+                "n_images": None, "n_masked": None, "n_skipped": 0,
+                "metrics": {**{v: None for v in JSON_METRICS.values()},
+                            "image_auroc_ci": None, "pixel_auroc_ci": None, "aupro_ci": None},
+                "defects": [], "thresholds": {},
+            })
+    order = {c: i for i, c in enumerate(info.categories)}
+    results.sort(key=lambda r: order.get(r["category"], len(order)))
     ok = metrics[metrics["status"] == "ok"]
     mean: dict[str, Any] = {JSON_METRICS[k]: _num(ok[k].mean()) if len(ok) else None for k in JSON_METRICS}
     for metric, m in (run_details.get("mean_intervals") or {}).items():

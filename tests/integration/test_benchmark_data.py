@@ -141,7 +141,10 @@ def test_a_method_whose_weights_cannot_load_exits_1_with_the_reason(folder: Path
     assert f"harmoniad failed: cannot load the backbone weights: weights file '{missing}'" in captured.err
     assert "harmoniad failed on every category" in captured.err
     harmoniad_run, freqfilter_run = run_ids(captured.out)
-    assert show_json(tmp_path / "runs", harmoniad_run, capsys)["status"] == "failed"
+    failed = show_json(tmp_path / "runs", harmoniad_run, capsys)
+    assert failed["status"] == "failed" and "cannot load the backbone weights" in failed["error"]
+    assert [(r["category"], r["status"]) for r in failed["results"]] == [("grain", "failed"), ("weave", "failed")]
+    assert all(str(missing) in r["reason"] and r["metrics"]["image_auroc"] is None for r in failed["results"])
     assert show_json(tmp_path / "runs", freqfilter_run, capsys)["status"] == "complete"
 
 
