@@ -336,7 +336,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
             print(f"error: {info.error}")
         _print_metrics(store, info.id)
     elif args.action == "export":
-        for path in store.export_csv(args.run_id, args.out):
+        for path in [*store.export_csv(args.run_id, args.out), *store.export_details_csv(args.run_id, args.out)]:
             print(path)
     elif args.action == "delete":
         store.delete_run(args.run_id, force=args.force)

@@ -334,7 +334,9 @@ def _run_method(
                 seed=category_seed(request.seed, category), skipped=skipped,
             )
             reports[category] = report
-            fitted[category] = {k: v for k, v in report.details["thresholds"].items() if k != "oracle"}
+            # The checkpoint keeps what was fitted on normals only (no test-set operating points).
+            fitted[category] = {k: {f: x for f, x in v.items() if f != "test"}
+                                for k, v in report.details["thresholds"].items() if k != "oracle"}
         except Exception as exc:  # noqa: BLE001 - recorded, the other categories go on
             store.fail_category(run_id, category, f"{exc!r}\n{traceback.format_exc()}", skipped=skipped)
 
