@@ -195,8 +195,11 @@ def test_score_skips_bad_files_and_applies_the_stored_threshold(synthetic: Path,
     assert all((r["anomalous"] == "True") == (float(r["score"]) > cut) for r in rows)
     assert sum(r["anomalous"] == "True" for r in rows) == len(rows) - 2
     assert "held-out normal images of 'grain'" in capsys.readouterr().out
-    assert main([*score[:-4], "--resolution", "64", "--device", "cpu"]) == 2  # fitted for another resolution
-    assert "fitted with scoring settings resolution=32" in capsys.readouterr().err
+    # fitted for another resolution: scored, but no decisions, and the reason is said
+    assert main([*score[:-4], "--resolution", "64", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "not applied" in err and "scoring settings resolution=32" in err
+    assert all(r["anomalous"] == "" for r in csv.DictReader(open(out / "scores.csv")))
     for path in images.iterdir():  # nothing scorable: non-zero
         path.write_bytes(b"")
     assert main(score) == 1
