@@ -15,6 +15,9 @@ import contextlib
 import datetime
 import logging
 import os
+import sys
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -26,6 +29,10 @@ from harmoniad.runtime.device import resolve_device
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: Overrides the process-group backend (default: NCCL with CUDA, else gloo); ``gloo`` lets
+#: several ranks share one GPU (e.g. a 2-process smoke run on a one-GPU machine).
+BACKEND_ENV = "HARMONIAD_DIST_BACKEND"
 
 #: The variables ``torchrun`` (``python -m torch.distributed.run``) sets for every worker.
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -48,8 +55,9 @@ def init(backend: str | None = None, *, timeout_s: float = 1800.0) -> bool:
 
     A plain process (no ``WORLD_SIZE`` or ``WORLD_SIZE=1``) gets no group and everything
     below runs as a single process. ``backend`` defaults to NCCL when CUDA is present, else
-    gloo. With CUDA, this worker's GPU is ``cuda:LOCAL_RANK`` (set as the current device, so
-    bare ``"cuda"`` means it too). Calling it again is harmless.
+    gloo (or ``$HARMONIAD_DIST_BACKEND``). With CUDA, this worker's GPU is ``cuda:LOCAL_RANK``
+    (modulo the GPU count under gloo, so ranks can share a GPU), set as the current device so
+    bare ``"cuda"`` means it too. Calling it again is harmless.
     """
     if is_initialized():
         return True
@@ -65,15 +73,15 @@ def init(backend: str | None = None, *, timeout_s: float = 1800.0) -> bool:
     if not dist.is_available():
         raise DistributedError("this torch build has no torch.distributed; run without torchrun")
     use_cuda = torch.cuda.is_available()
-    backend = backend or ("nccl" if use_cuda else "gloo")
+    backend = backend or os.environ.get(BACKEND_ENV) or ("nccl" if use_cuda else "gloo")
     if use_cuda:
-        lr = local_rank()
-        if lr >= torch.cuda.device_count():
+        lr, gpus = local_rank(), torch.cuda.device_count()
+        if lr >= gpus and backend == "nccl":
             raise DistributedError(
-                f"LOCAL_RANK={lr} but this node has {torch.cuda.device_count()} GPU(s); "
-                "use --nproc_per_node <= the number of GPUs"
+                f"LOCAL_RANK={lr} but this node has {gpus} GPU(s); use --nproc_per_node <= the number of GPUs "
+                f"(NCCL cannot put two ranks on one GPU), or set {BACKEND_ENV}=gloo to share the GPUs"
             )
-        torch.cuda.set_device(lr)
+        torch.cuda.set_device(lr % gpus)
     kwargs: dict[str, Any] = {"backend": backend, "timeout": datetime.timedelta(seconds=timeout_s)}
     if backend == "nccl":
         kwargs["device_id"] = torch.device("cuda", local_rank())
@@ -88,15 +96,64 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+#: Seconds a failed worker may take to exit on its own before it is ended (``os._exit``).
+EXIT_GRACE_S = 5.0
+
+
 @contextlib.contextmanager
-def session(backend: str | None = None) -> Iterator[bool]:
-    """``with session():`` joins the torchrun group (if launched by torchrun) and leaves it after."""
+def session(backend: str | None = None, *, exit_grace_s: float = EXIT_GRACE_S) -> Iterator[bool]:
+    """``with session():`` joins the torchrun group (if launched by torchrun) and leaves it after.
+
+    A failure that leaves the block (an exception, Ctrl-C, a dashboard cancel) stops this
+    worker fast, so ``torchrun`` sees it exit and stops the other ranks within seconds
+    instead of leaving them waiting at their next collective (:func:`fail_fast`).
+    """
     active = init(backend)
+    failed = False
     try:
         yield active
+    except BaseException as exc:
+        failed = active and not (isinstance(exc, SystemExit) and exc.code in (0, None))
+        if failed:
+            fail_fast(exc, exit_grace_s)
+        raise
     finally:
-        if active:
+        if active and not failed:
             cleanup()
+
+
+def fail_fast(exc: BaseException, grace_s: float = EXIT_GRACE_S) -> None:
+    """After a failure on this rank: leave the process group at once and make sure the process exits.
+
+    - the group is aborted (NCCL: pending collectives are dropped, not waited for) or, for
+      gloo, destroyed, which closes its connections, so peers blocked in a collective fail
+      right away instead of at the group's timeout;
+    - a daemon watchdog ends the process ``grace_s`` seconds later if it is still alive:
+      a non-daemon thread, a decode worker or a stuck driver call must not keep a failed
+      rank around, because ``torchrun`` stops the other ranks only once one has exited.
+    The exception itself is still raised by the caller, so the normal error reporting runs.
+    """
+    code = 130 if isinstance(exc, KeyboardInterrupt) else 1
+    log.error("rank %d of %d failed (%s: %s); leaving the job", rank(), world_size(), type(exc).__name__, exc)
+
+    def _end() -> None:
+        time.sleep(grace_s)
+        log.error("rank %d still running %.0f s after its failure; exiting with code %d", rank(), grace_s, code)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+    threading.Thread(target=_end, name="harmoniad-exit-watchdog", daemon=True).start()
+    if not is_initialized():
+        return
+    try:
+        if dist.get_backend() == "nccl":
+            dist.distributed_c10d._abort_process_group()
+        else:
+            dist.destroy_process_group()
+    except Exception as err:  # noqa: BLE001 - best effort: the watchdog still ends the process
+        log.warning("could not leave the process group cleanly after the failure: %s", err)
 
 
 def is_initialized() -> bool:
@@ -135,7 +192,7 @@ def device(requested: str | torch.device | None = "auto") -> torch.device:
     """
     dev = resolve_device(requested)
     if dev.type == "cuda" and dev.index is None:
-        return torch.device("cuda", local_rank() if is_initialized() else torch.cuda.current_device())
+        return torch.device("cuda", torch.cuda.current_device())
     return dev
 
 
@@ -277,6 +334,7 @@ def raise_if_any_failed(error: BaseException | None, what: str) -> None:
 
 
 __all__ = [
+    "BACKEND_ENV",
     "TORCHRUN_ENV",
     "DistributedError",
     "active",
@@ -286,6 +344,7 @@ __all__ = [
     "broadcast_object",
     "cleanup",
     "device",
+    "fail_fast",
     "gather_object",
     "gather_shards",
     "init",
