@@ -8,7 +8,7 @@ from harmoniad.backbone import TINY_BACKBONE, Backbone
 from harmoniad.model import HarmoniAD, ModelConfig
 from harmoniad.runtime.device import bf16_weights, cast_for_inference
 
-SMALL = ModelConfig(hidden_dim=32, fsam_heads=2, gscm_heads=2, decoder_heads=2, fsam_window=4)
+SMALL = ModelConfig(hidden_dim=32, fsam_heads=2, gscm_heads=2, fsam_window=4)
 
 
 def test_bf16_weights_casts_everything_but_norms_and_freezes():

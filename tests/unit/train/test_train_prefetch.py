@@ -11,7 +11,7 @@ from harmoniad.model import ModelConfig
 from harmoniad.train import TrainConfig, train
 from harmoniad.train.loop import _epoch_order
 
-MODEL = ModelConfig(hidden_dim=16, fsam_heads=2, gscm_heads=2, decoder_heads=2, fsam_window=4)
+MODEL = ModelConfig(hidden_dim=16, fsam_heads=2, gscm_heads=2, fsam_window=4)
 
 
 class _Recording(TensorSource):
@@ -35,13 +35,16 @@ def test_next_batch_is_loaded_ahead_on_the_loader_thread_in_the_same_order(tmp_p
     cfg = TrainConfig(max_steps=7, batch_size=4, seed=3)
     train(source, None, MODEL, cfg, tmp_path / "ckpt", device="cpu",
           progress=lambda e: finished.append(e.done) if e.task == "train" else None)
-    probe, *steps = source.calls
+    probe, *rest = source.calls
+    steps = [call for call in rest if call[1].startswith("harmoniad-train-loader")]
+    passes = [indices for indices, name, _ in rest if not name.startswith("harmoniad-train-loader")]
+    # Besides the steps: one ordered pass for the target normalisation before, one for the fusion after.
+    assert passes == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]] * 2
     assert probe[0] == [0] and len(steps) == 7  # one load per step, none past the last one
     expected = []
     for step in range(7):  # what a step-by-step loop would load: epochs of 10 in batches of 4, 4, 2
         epoch, pos = divmod(step, 3)
         expected.append(_epoch_order(cfg.seed, epoch, 10)[pos * 4 : (pos + 1) * 4].tolist())
     assert [indices for indices, _, _ in steps] == expected
-    assert all(name.startswith("harmoniad-train-loader") for _, name, _ in steps)
     # Step k's batch is requested before step k - 1 has finished (loaded ahead), never earlier.
     assert all(done <= max(0, k - 1) for k, (_, _, done) in enumerate(steps))
