@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -198,3 +199,23 @@ def weights_banner(infos: RunInfo | list[RunInfo] | pd.DataFrame) -> None:
             "about how well a method detects anomalies. Provide pretrained weights for real numbers.",
             icon=":material/warning:",
         )
+
+
+@st.cache_data(show_spinner="Reading this category's maps...", max_entries=32)
+def load_category_maps(path: str, run_id: str, updated: str, indices: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(masks, anomaly maps) of the given images, stacked (for pixel curves); read straight from
+    the store, not through the per-image cache, so a whole category does not crowd it out."""
+    store = _store(path)
+    maps = [store.load_maps(run_id, i) for i in indices]
+    anomaly = np.stack([m["anomaly"] for m in maps])
+    masks = np.stack([m.get("mask", np.zeros(m["anomaly"].shape, bool)) for m in maps])
+    return masks, anomaly
+
+
+def category_maps(info: RunInfo, indices: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    return load_category_maps(str(store_path()), info.id, info.updated, tuple(int(i) for i in indices))
+
+
+def select_defect(category: str | None, defect: str | None) -> None:
+    """Remember a defect type (clicked on Overview or Compare) for Failure cases and Inspect."""
+    st.session_state[nav.DEFECT_KEY] = (category, defect) if category and defect else None

@@ -1,8 +1,10 @@
 """Compare page: methods side by side on one dataset.
 
-Per-category bars for any metric, image-level ROC and PR curves, HarmoniAD minus a chosen
-baseline, and HarmoniAD's ablations. Metrics come from the run index; curves from the
-per-image tables (cached per run), never from the maps.
+Per-category bars for any metric, results per defect type, image ROC/PR curves and pixel
+ROC/PRO curves, HarmoniAD minus a chosen baseline, statistics (bootstrap intervals, paired
+tests, a critical-difference diagram) and HarmoniAD's ablations. Metrics come from the run
+index; image curves and statistics from the per-image tables; pixel curves from the stored
+maps of one category at a time.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import math
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, nav, state
+from dashboard import nav, state, thresholds
+from harmoniad import analysis, charts
 from harmoniad.methods import METHODS
-from harmoniad.store import METRIC_COLUMNS, RunInfo, RunNotFound
+from harmoniad.store import METRIC_COLUMNS, RunDataMissing, RunInfo, RunNotFound
 
 ABLATION_METHODS = ("harmoniad", *(name for name, spec in METHODS.items() if spec.kind == "ablation"))
 
@@ -87,15 +90,20 @@ def _bars_section(table: pd.DataFrame, colours: dict[str, str]) -> str:
     return metric
 
 
-def _curves_section(infos: dict[str, RunInfo], labels: dict[str, str], colours: dict[str, str]) -> None:
-    st.subheader("ROC and precision-recall curves")
-    st.caption("Image level, from each image's score and label. Top-left (ROC) and top-right (PR) are better; "
-               "the dotted line is guessing.")
+def _tables(infos: dict[str, RunInfo], labels: dict[str, str]) -> dict[str, pd.DataFrame]:
     tables: dict[str, pd.DataFrame] = {}
     for run_id, info in infos.items():
         images = state.readable_run_images(info, labels[run_id])
         if images is not None:
             tables[run_id] = images
+    return tables
+
+
+def _curves_section(infos: dict[str, RunInfo], tables: dict[str, pd.DataFrame], labels: dict[str, str],
+                    colours: dict[str, str]) -> None:
+    st.subheader("ROC, precision-recall and PRO curves")
+    st.caption("Image curves from each image's score and label; pixel curves from the stored maps. Top-left (ROC) "
+               "and top-right (PR) are better; the dotted line is guessing.")
     categories = list(dict.fromkeys(c for t in tables.values() for c in t["category"].unique()))
     if not categories:
         st.info("No per-image scores to draw curves from.")
@@ -108,7 +116,25 @@ def _curves_section(infos: dict[str, RunInfo], labels: dict[str, str], colours: 
     left.plotly_chart(roc, key="compare_roc")
     right.plotly_chart(pr, key="compare_pr")
     for label, why in skipped.items():
-        st.caption(f"No curve for {label}: {why}")
+        st.caption(f"No image curve for {label}: {why}")
+    pixel: dict[str, tuple] = {}
+    for run_id, table in tables.items():
+        rows = table[table["category"] == category]
+        if rows.empty:
+            continue
+        try:
+            pixel[labels[run_id]] = state.category_maps(infos[run_id], list(rows["index"]))
+        except (KeyError, RunDataMissing):
+            st.caption(f"No pixel curves for {labels[run_id]}: its maps are not stored or cannot be read.")
+    if pixel:
+        proc, pro, skipped = charts.pixel_curve_figures(pixel, colours)
+        left, right = st.columns(2)
+        left.plotly_chart(proc, key="compare_pixel_roc")
+        right.plotly_chart(pro, key="compare_pro")
+        st.caption(f"Pixel level over every pixel of the category's test images. The PRO curve is the mean overlap "
+                   f"with each ground-truth region; AUPRO integrates it up to FPR {charts.FPR_LIMIT:g} (dashed line).")
+        for label, why in skipped.items():
+            st.caption(f"No pixel curve for {label}: {why}")
 
 
 def _difference_section(table: pd.DataFrame, metric: str, infos: dict[str, RunInfo], labels: dict[str, str]) -> None:
@@ -134,6 +160,100 @@ def _difference_section(table: pd.DataFrame, metric: str, infos: dict[str, RunIn
     with st.expander(f"Mean difference against every other run, all metrics ({labels[target]} minus row)"):
         table_all = charts.mean_differences(table, target, {rid: labels[rid] for rid in others})
         st.dataframe(table_all.style.format("{:+.1f}", na_rep="n/a").map(_sign_colour))
+
+
+def _defects_section(infos: dict[str, RunInfo], tables: dict[str, pd.DataFrame], labels: dict[str, str],
+                     colours: dict[str, str]) -> None:
+    st.subheader("Per defect type")
+    rule, target_fpr = thresholds.rule_picker(key_suffix="_compare")
+    series = {labels[rid]: t for rid, t in tables.items()}
+    cuts = {}
+    for rid, t in tables.items():
+        metrics = state.run_metrics(infos[rid]).set_index("category")
+        for category, rows in t.groupby("category", sort=False):
+            fitted = thresholds.fitted_value(metrics.loc[category] if category in metrics.index else None)
+            cuts[(labels[rid], str(category))] = thresholds.decision(rule, rows, fitted=fitted,
+                                                                     target_fpr=target_fpr).threshold
+    table = charts.defect_table(series, cuts)
+    if table.empty:
+        st.info("No defective test images in these runs.")
+        return
+    show_defect_table(table, key="compare_defects")
+    st.plotly_chart(charts.defect_bars(table, colours=colours), key="compare_defect_bars")
+    st.caption("Image AUROC of each defect type's images against the category's normal images (threshold-free), "
+               f"and how many are detected at the chosen operating point ({thresholds.RULES[rule]}). Counts in "
+               "brackets are defective images; few images give wide uncertainty.")
+
+
+def show_defect_table(table: pd.DataFrame, *, key: str) -> None:
+    """The per-defect table; clicking a row filters Failure cases and Inspect by that defect type."""
+    rows = table.reset_index(drop=True)
+
+    def pick() -> None:
+        chosen = st.session_state[key].selection.rows
+        if chosen:
+            row = rows.iloc[chosen[0]]
+            state.select_defect(str(row["category"]), str(row["defect"]))
+
+    st.dataframe(rows, hide_index=True, width="stretch", on_select=pick, selection_mode="single-row", key=key,
+                 column_config={"image AUROC (%)": st.column_config.NumberColumn(format="%.1f"),
+                                "detected (%)": st.column_config.NumberColumn(format="%.0f")})
+    chosen = st.session_state.get(nav.DEFECT_KEY)
+    if chosen:
+        c1, c2, c3 = st.columns([3, 1, 1], vertical_alignment="center")
+        c1.caption(f"Defect type **{chosen[1]}** ({chosen[0]}) chosen: Failure cases and Inspect show it.")
+        with c2:
+            nav.link(nav.FAILURES)
+        with c3:
+            nav.link(nav.INSPECT)
+    else:
+        st.caption("Click a row to filter Failure cases and Inspect by that defect type.")
+
+
+def _statistics_section(tables: dict[str, pd.DataFrame], labels: dict[str, str], colours: dict[str, str]) -> None:
+    st.subheader("Statistics")
+    if not tables:
+        st.info("No per-image scores to compute intervals from.")
+        return
+    intervals = {labels[rid]: _intervals(t) for rid, t in tables.items()}
+    st.plotly_chart(charts.interval_bars(intervals, colours), key="compare_intervals")
+    st.caption("Error bars: 95% stratified bootstrap intervals (1,000 resamples of the test images, normal and "
+               "defective resampled separately). Few test images give wide intervals.")
+    ids = list(tables)
+    if len(ids) >= 2:
+        left, right = st.columns(2)
+        a = left.selectbox("Method A", ids, format_func=labels.__getitem__, key="compare_stat_a")
+        b = right.selectbox("Method B", [r for r in ids if r != a], format_func=labels.__getitem__, key="compare_stat_b")
+        tests = analysis.paired_auroc_tests(tables[a], tables[b])
+        per_a, per_b = intervals[labels[a]].set_index("category"), intervals[labels[b]].set_index("category")
+        shared = [c for c in per_a.index if c in per_b.index and c != analysis.MEAN]
+        diff = pd.DataFrame({"category": shared,
+                             "difference": [(per_a.loc[c, "estimate"] - per_b.loc[c, "estimate"]) * 100 for c in shared]})
+        st.plotly_chart(charts.significance_bars(diff, tests, labels[a], labels[b]), key="compare_significance")
+        n_sig = int(tests["significant"].sum()) if len(tests) else 0
+        st.caption(f"★ marks categories where DeLong's paired test on the same images finds the image AUROCs "
+                   f"different at the 5% level ({n_sig} of {len(tests)}); no multiple-testing correction.")
+    per_category = {labels[rid]: {c: v for c, v in t.set_index("category")["estimate"].items() if c != analysis.MEAN}
+                    for rid, t in zip(tables, intervals.values())}
+    ranks = analysis.ranks_over_categories(per_category)
+    if ranks is not None:
+        st.plotly_chart(charts.cd_diagram(ranks, colours), key="compare_cd")
+        st.caption(f"Average rank of image AUROC over {ranks['n_datasets']} categories (Friedman test, Nemenyi "
+                   "critical difference at 5%). Methods joined by a black bar are not significantly different.")
+    elif len(ids) >= 3:
+        st.caption("No critical-difference diagram: it needs at least two categories scored by every method.")
+    else:
+        st.caption("A critical-difference diagram appears when three or more runs are compared.")
+
+
+@st.cache_data(show_spinner="Bootstrapping intervals...", max_entries=64)
+def _intervals_cached(run_key: str, images: pd.DataFrame) -> pd.DataFrame:
+    return analysis.auroc_intervals(images)
+
+
+def _intervals(images: pd.DataFrame) -> pd.DataFrame:
+    key = str(pd.util.hash_pandas_object(images[["image_path", "label", "score"]], index=False).sum())
+    return _intervals_cached(key, images)
 
 
 def _percent_columns(columns: object) -> dict:
@@ -193,8 +313,11 @@ def main() -> None:
         table = charts.comparison_table(metrics, labels)
         _failed_categories(metrics, labels)
         metric = _bars_section(table, colours)
-        _curves_section(infos, labels, colours)
+        tables = _tables(infos, labels)
+        _defects_section(infos, tables, labels, colours)
+        _curves_section(infos, tables, labels, colours)
         _difference_section(table, metric, infos, labels)
+        _statistics_section(tables, labels, colours)
     _ablations_section(pool, ablation_ids, st.session_state.get("compare_metric", METRIC_COLUMNS[0]))
 
 

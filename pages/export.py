@@ -14,7 +14,8 @@ import tempfile
 import plotly.graph_objects as go
 import streamlit as st
 
-from dashboard import charts, nav, state
+from dashboard import nav, state
+from harmoniad import charts
 from harmoniad.store import METRIC_COLUMNS, RunDataMissing, RunInfo
 
 

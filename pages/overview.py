@@ -12,7 +12,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard import bootstrap, charts, jobs, nav, state
+from dashboard import bootstrap, jobs, nav, state
+from harmoniad import charts
 from harmoniad.store.published import published_results, side_by_side
 from harmoniad.store import METRIC_COLUMNS, RunNotFound, RunStateError
 

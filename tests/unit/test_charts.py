@@ -1,4 +1,4 @@
-"""Tests of dashboard.charts: numbers against scikit-learn or hand counts, figures by their data."""
+"""Tests of harmoniad.charts: numbers against scikit-learn or hand counts, figures by their data."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import f1_score, precision_recall_curve, roc_auc_score, roc_curve
 
-from dashboard import charts
+from harmoniad import charts
 from harmoniad.store import METRIC_COLUMNS
 
 
@@ -238,18 +238,16 @@ def test_map_range_and_resizing() -> None:
 # ----------------------------------------------------------------------------- failure cases
 
 
-def test_failure_cases_rank_alarms_and_misses_and_flag_them_at_the_threshold() -> None:
+def test_misclassified_lists_only_errors_at_the_threshold_most_wrong_first() -> None:
     images = pd.DataFrame({
-        "index": np.arange(8),
-        "label": [0, 0, 0, 0, 1, 1, 1, 1],
-        "score": [0.1, 0.7, 0.4, 0.7, 0.9, 0.3, 0.6, 0.5],
+        "index": np.arange(9),
+        "label": [0, 0, 0, 0, 1, 1, 1, 1, 1],
+        "score": [0.1, 0.7, 0.6, 0.9, 0.9, 0.3, 0.6, 0.5, 0.55],
     })
-    alarms, misses = charts.failure_cases(images, k=3, threshold=0.55)
-    assert list(alarms["index"]) == [1, 3, 2]  # score descending, ties by index
-    assert list(alarms["rank"]) == [1, 2, 3]
-    assert list(alarms["failed"]) == [True, True, False]
-    assert list(misses["index"]) == [5, 7, 6]  # score ascending
-    assert list(misses["failed"]) == [True, True, False]
-    alarms, misses = charts.failure_cases(images, k=10)
-    assert len(alarms) == 4 and len(misses) == 4
-    assert alarms["failed"].isna().all()
+    fps, fns = charts.misclassified(images, threshold=0.55)
+    assert list(fps["index"]) == [3, 1, 2]  # normal and score > 0.55, farthest above first
+    assert list(fps["rank"]) == [1, 2, 3]
+    np.testing.assert_allclose(fps["margin"], [0.35, 0.15, 0.05])
+    assert list(fns["index"]) == [5, 7, 8]  # defective and score <= 0.55 (0.55 itself is not flagged)
+    fps, fns = charts.misclassified(images, threshold=1.0)
+    assert fps.empty and len(fns) == 5
