@@ -268,6 +268,13 @@ class JobBoard:
         with self._lock:
             return self._jobs.get(job_id)
 
+    def all(self, store_root: Path | None = None) -> list[Job]:
+        """Every job of this process, running or ended (optionally only those writing to ``store_root``)."""
+        with self._lock:
+            jobs = list(self._jobs.values())
+        root = None if store_root is None else Path(store_root).resolve()
+        return [j for j in jobs if root is None or j.store_root.resolve() == root]
+
     def running(self, store_root: Path | None = None) -> list[Job]:
         """Jobs still running (optionally only those writing to ``store_root``), oldest first."""
         with self._lock:

@@ -14,7 +14,7 @@ import math
 import pandas as pd
 import streamlit as st
 
-from dashboard import nav, state, thresholds
+from dashboard import defects, nav, state
 from harmoniad import analysis, charts
 from harmoniad.methods import METHODS
 from harmoniad.store import METRIC_COLUMNS, RunDataMissing, RunInfo, RunNotFound
@@ -165,49 +165,7 @@ def _difference_section(table: pd.DataFrame, metric: str, infos: dict[str, RunIn
 def _defects_section(infos: dict[str, RunInfo], tables: dict[str, pd.DataFrame], labels: dict[str, str],
                      colours: dict[str, str]) -> None:
     st.subheader("Per defect type")
-    rule, target_fpr = thresholds.rule_picker(key_suffix="_compare")
-    series = {labels[rid]: t for rid, t in tables.items()}
-    cuts = {}
-    for rid, t in tables.items():
-        metrics = state.run_metrics(infos[rid]).set_index("category")
-        for category, rows in t.groupby("category", sort=False):
-            fitted = thresholds.fitted_value(metrics.loc[category] if category in metrics.index else None)
-            cuts[(labels[rid], str(category))] = thresholds.decision(rule, rows, fitted=fitted,
-                                                                     target_fpr=target_fpr).threshold
-    table = charts.defect_table(series, cuts)
-    if table.empty:
-        st.info("No defective test images in these runs.")
-        return
-    show_defect_table(table, key="compare_defects")
-    st.plotly_chart(charts.defect_bars(table, colours=colours), key="compare_defect_bars")
-    st.caption("Image AUROC of each defect type's images against the category's normal images (threshold-free), "
-               f"and how many are detected at the chosen operating point ({thresholds.RULES[rule]}). Counts in "
-               "brackets are defective images; few images give wide uncertainty.")
-
-
-def show_defect_table(table: pd.DataFrame, *, key: str) -> None:
-    """The per-defect table; clicking a row filters Failure cases and Inspect by that defect type."""
-    rows = table.reset_index(drop=True)
-
-    def pick() -> None:
-        chosen = st.session_state[key].selection.rows
-        if chosen:
-            row = rows.iloc[chosen[0]]
-            state.select_defect(str(row["category"]), str(row["defect"]))
-
-    st.dataframe(rows, hide_index=True, width="stretch", on_select=pick, selection_mode="single-row", key=key,
-                 column_config={"image AUROC (%)": st.column_config.NumberColumn(format="%.1f"),
-                                "detected (%)": st.column_config.NumberColumn(format="%.0f")})
-    chosen = st.session_state.get(nav.DEFECT_KEY)
-    if chosen:
-        c1, c2, c3 = st.columns([3, 1, 1], vertical_alignment="center")
-        c1.caption(f"Defect type **{chosen[1]}** ({chosen[0]}) chosen: Failure cases and Inspect show it.")
-        with c2:
-            nav.link(nav.FAILURES)
-        with c3:
-            nav.link(nav.INSPECT)
-    else:
-        st.caption("Click a row to filter Failure cases and Inspect by that defect type.")
+    defects.section({labels[rid]: (infos[rid], t) for rid, t in tables.items()}, colours, key="compare")
 
 
 def _statistics_section(tables: dict[str, pd.DataFrame], labels: dict[str, str], colours: dict[str, str]) -> None:
