@@ -118,24 +118,34 @@ def run_label(row: pd.Series | RunInfo) -> str:
     get = row.get if isinstance(row, pd.Series) else lambda k, d=None: getattr(row, k, d)
     created = str(get("created", ""))[:16].replace("T", " ")
     flag = " · random weights" if get("random_weights", False) else ""
-    return f"{get('method')} · {get('dataset')} · {created} · {get('status')}{flag}"
+    status = get("status")
+    if status == "running" and isinstance(row, pd.Series):
+        status = f"running, {row.get('n_ok', 0)}/{len(row.get('categories', ()))} categories"
+    return f"{get('method')} · {get('dataset')} · {created} · {status}{flag}"
 
 
 def run_picker(
-    label: str = "Run", *, status: str | tuple[str, ...] | None = "complete", key: str = "run_picker"
+    label: str = "Run", *, status: str | tuple[str, ...] | None = ("complete", "running"), key: str = "run_picker"
 ) -> RunInfo | None:
     """A selectbox over stored runs that keeps the app-wide selection; None if there are none.
 
     Several pickers (the sidebar's, a page's) stay in step: each shows the app-wide run, and
     a change in any of them becomes the app-wide run (in a callback, before the next run of
     the script, so no other picker can overwrite it with its stale value). Runs that stored
-    no category (e.g. failed at once) are left out: there is nothing to show for them.
+    no category (e.g. failed at once, or just started) are left out: there is nothing to show
+    for them; a running run appears with its first stored category (results as they land).
     """
     runs = list_runs(status=status) if status else list_runs()
     if not runs.empty:
         runs = runs[(runs["status"] == "complete") | (runs["n_ok"] > 0)]
     if runs.empty:
-        st.info("No runs yet. Start one on the **Run** page (the synthetic demo needs no download).")
+        from dashboard import jobs  # late: jobs imports the evaluation stack
+
+        if jobs.board().running(store_path()):
+            st.info("Work is running: its first results appear here as soon as a category is scored.",
+                    icon=":material/hourglass_top:")
+        else:
+            st.info("No runs yet. Start one on the **Run** page (the synthetic demo needs no download).")
         return None
     ids = list(runs["id"])
     current = selected_run_id()

@@ -181,7 +181,7 @@ def _choose_image(table: pd.DataFrame, selected: int) -> int:
     if st.session_state.get(DEFECT_WIDGET) not in defects or (
             st.session_state.get(DEFECT_WIDGET) != ALL_DEFECTS and st.session_state[DEFECT_WIDGET] != row["defect"]):
         st.session_state[DEFECT_WIDGET] = ALL_DEFECTS
-    c1, c2, c3, c4, c5 = st.columns([2, 2, 2, 5, 1], vertical_alignment="bottom")
+    c1, c2, c3, c4, c5 = st.columns([2, 2, 2, 4, 2], vertical_alignment="bottom")
     category = c1.selectbox("Category", categories, key=CATEGORY_KEY, on_change=_on_category, args=(table,))
     how = c2.selectbox("Show", list(FILTERS), format_func=FILTERS.__getitem__, key=FILTER_KEY,
                        on_change=_on_filter, args=(table,))
@@ -197,8 +197,10 @@ def _choose_image(table: pd.DataFrame, selected: int) -> int:
                  on_change=_on_image)
     with c5:
         b1, b2 = st.columns(2)
-        b1.button("◀", key="inspect_prev", on_click=_step, args=(options, -1), help="Previous image in the list")
-        b2.button("▶", key="inspect_next", on_click=_step, args=(options, 1), help="Next image in the list")
+        b1.button("Prev", key="inspect_prev", icon=":material/chevron_left:", on_click=_step, args=(options, -1),
+                  help="Previous image in the current list", width="stretch")
+        b2.button("Next", key="inspect_next", icon=":material/chevron_right:", on_click=_step, args=(options, 1),
+                  help="Next image in the current list", width="stretch")
     return selected
 
 

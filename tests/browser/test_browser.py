@@ -7,6 +7,7 @@ Screenshots of every page go to ``tests/screenshots/`` (git-ignored).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -53,12 +54,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-def server(demo_store: ResultStore) -> Iterator[str]:
-    """``streamlit run dashboard/app.py`` from the repo root (so .streamlit/config.toml applies)."""
+@contextlib.contextmanager
+def running_app(cache: Path) -> Iterator[str]:
+    """``streamlit run dashboard/app.py`` from the repo root (so .streamlit/config.toml applies) on
+    the results store under ``cache``; yields its URL and checks its log when it stops."""
     port = _free_port()
-    env = {**os.environ, "HARMONIAD_NO_DEMO": "1"}  # HARMONIAD_CACHE/STORE point at the demo copy
-    log = (demo_store.root.parent / "streamlit.log").open("w+")
+    env = {**os.environ, "HARMONIAD_NO_DEMO": "1", "HARMONIAD_CACHE": str(cache),
+           "HARMONIAD_STORE": str(cache / "runs")}
+    log = (cache / "streamlit.log").open("w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "dashboard/app.py",
          "--server.port", str(port), "--server.headless", "true"],
@@ -95,6 +98,12 @@ def server(demo_store: ResultStore) -> Iterator[str]:
     # .streamlit/config.toml (read from the working folder) applied: loopback only, no telemetry.
     assert f"127.0.0.1:{port}" in output, output
     assert "usage statistics" not in output.lower(), output
+
+
+@pytest.fixture
+def server(demo_store: ResultStore) -> Iterator[str]:
+    with running_app(demo_store.root.parent) as url:
+        yield url
 
 
 def _settle(page: Page, title: str) -> None:
