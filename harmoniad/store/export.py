@@ -66,10 +66,11 @@ def export_csv(store: ResultStore, run_id: str, directory: str | os.PathLike[str
 
 
 def export_json(store: ResultStore, run_id: str, directory: str | os.PathLike[str]) -> Path:
-    """Write ``<run_id>.json``: the run record, its weights statement and per-category metrics."""
+    """Write ``<run_id>.json``: ``runs show --json``'s view of the run (results, intervals,
+    defects, thresholds) with the weights statement and backbone provenance."""
     info = store.get_run(run_id)
-    metrics = store.load_metrics(run_id)
-    record = {**run_record(info), "metrics": json.loads(metrics.to_json(orient="records"))}
+    record = {"weights_statement": weights_statement(info), "backbone": info.backbone,
+              "random_weights": info.random_weights, **store.run_json(run_id)}
     path = Path(directory) / f"{run_id}.json"
     atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")
     return path
