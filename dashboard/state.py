@@ -229,3 +229,45 @@ def category_maps(info: RunInfo, indices: list[int]) -> tuple[np.ndarray, np.nda
 def select_defect(category: str | None, defect: str | None) -> None:
     """Remember a defect type (clicked on Overview or Compare) for Failure cases and Inspect."""
     st.session_state[nav.DEFECT_KEY] = (category, defect) if category and defect else None
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def load_thresholds(path: str, run_id: str, updated: str) -> pd.DataFrame:
+    return _store(path).load_thresholds(run_id)
+
+
+def fitted_thresholds(info: RunInfo) -> dict:
+    """``category -> harmoniad.operating.Fitted``: the thresholds the run fitted on held-out normals."""
+    from harmoniad.operating import fitted_thresholds as from_table
+
+    return from_table(load_thresholds(str(store_path()), info.id, info.updated))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def load_defects(path: str, run_id: str, updated: str) -> pd.DataFrame:
+    return _store(path).load_defects(run_id)
+
+
+def run_defects(info: RunInfo) -> pd.DataFrame:
+    """Per-defect-type results the evaluation stored (``ResultStore.load_defects``)."""
+    return load_defects(str(store_path()), info.id, info.updated)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def load_intervals(path: str, run_id: str, updated: str) -> pd.DataFrame:
+    return _store(path).load_intervals(run_id)
+
+
+def run_intervals(info: RunInfo) -> pd.DataFrame:
+    """Bootstrap intervals the evaluation stored (``ResultStore.load_intervals``)."""
+    return load_intervals(str(store_path()), info.id, info.updated)
+
+
+@st.cache_data(show_spinner="Running the paired tests...", max_entries=64)
+def load_paired_test(path: str, run_a: str, updated_a: str, run_b: str, updated_b: str) -> pd.DataFrame:
+    return _store(path).paired_test(run_a, run_b)
+
+
+def paired_test(a: RunInfo, b: RunInfo) -> pd.DataFrame:
+    """DeLong's test per category of two runs on the images they share (``ResultStore.paired_test``)."""
+    return load_paired_test(str(store_path()), a.id, a.updated, b.id, b.updated)

@@ -17,7 +17,8 @@ from harmoniad.operating import (  # noqa: F401 - re-exported for the pages
     Decision,
     counts,
     decision,
-    fitted_value,
+    Fitted,
+    fitted_thresholds,
     outcome,
 )
 from harmoniad.thresholds import DEFAULT_TARGET_FPR

@@ -447,25 +447,55 @@ CONTOUR_COLOUR = "#00e5ff"  # cyan: distinct from every inferno colour
 MAP_HEIGHT = 470
 
 
+QUANTILES = 1001
+
+
+def score_quantiles(maps: Sequence[np.ndarray]) -> np.ndarray:
+    """``QUANTILES`` evenly spaced quantiles of all finite pixel scores of ``maps`` (for
+    :func:`to_percentiles`)."""
+    values = np.concatenate([np.asarray(m, dtype=np.float32).ravel() for m in maps])
+    values = values[np.isfinite(values)]
+    if not values.size:
+        return np.zeros(QUANTILES)
+    return np.quantile(values, np.linspace(0.0, 1.0, QUANTILES))
+
+
+def to_percentiles(values: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
+    """Each score's percentile (0-100) within the distribution ``quantiles`` describes: one
+    scale for methods whose scores have different units."""
+    levels = np.linspace(0.0, 100.0, len(quantiles))
+    # Ties in the quantiles (constant stretches) get their mid level, so equal scores stay equal.
+    unique, first = np.unique(quantiles, return_index=True)
+    last = len(quantiles) - 1 - np.unique(quantiles[::-1], return_index=True)[1]
+    mid = (levels[first] + levels[last]) / 2.0
+    if len(unique) == 1:
+        return np.where(np.asarray(values) >= unique[0], 100.0, 0.0).astype(np.float32)
+    return np.interp(np.asarray(values, dtype=np.float64), unique, mid).astype(np.float32)
+
+
 def map_figure(values: np.ndarray, *, base: np.ndarray | None, lo: float, hi: float, opacity: float,
-               mask: np.ndarray | None, title: str, colourbar_title: str = "score") -> go.Figure:
+               mask: np.ndarray | None, title: str, colourbar_title: str = "score",
+               raw: np.ndarray | None = None) -> go.Figure:
     """One anomaly map over its image: heatmap at ``opacity`` on ``[lo, hi]``, the ground truth as
     a contour line, a horizontal colour bar with values; plotly's zoom and pan come with it.
 
-    The map is drawn as a heatmap of the raw values (hovering shows the score of a pixel), so the
-    colour bar reads in the method's own units.
+    ``values`` are coloured (raw scores, or percentiles on a shared scale); hovering shows the
+    pixel's raw score (``raw`` when given, else ``values``). The colour bar is labelled at five
+    evenly spaced values including both ends of ``[lo, hi]``, so the range shown is explicit.
     """
     values = np.asarray(values, dtype=np.float32)
     h, w = values.shape
     fig = go.Figure()
     if base is not None:
         fig.add_trace(go.Image(z=fit_image(base, h) if base.shape[:2] != (h, w) else base, hoverinfo="skip"))
+    ticks = np.linspace(lo, hi, 5)
     fig.add_trace(go.Heatmap(
         z=values, zmin=lo, zmax=hi, colorscale=MAP_COLOURSCALE, opacity=opacity if base is not None else 1.0,
-        hovertemplate="x %{x}, y %{y}: score %{z:.4g}<extra></extra>",
+        customdata=np.asarray(raw if raw is not None else values, dtype=np.float32),
+        hovertemplate="x %{x}, y %{y}: score %{customdata:.4g}<extra></extra>",
         colorbar=dict(orientation="h", thickness=12, len=1.0, x=0.5, xanchor="center", y=-0.02, yanchor="top",
-                      title=dict(text=colourbar_title, side="right"), tickformat=".3g", nticks=6,
-                      tickfont=dict(size=11)),
+                      title=dict(text=colourbar_title, side="right"), tickvals=ticks,
+                      ticktext=[f"{v:.3g}" for v in ticks], tickfont=dict(size=11)),
     ))
     if mask is not None and np.asarray(mask).any():
         fig.add_trace(go.Contour(
@@ -567,43 +597,34 @@ def pixel_curve_figures(
 # ----------------------------------------------------------------------------- per defect type
 
 
-def defect_table(series: Mapping[str, pd.DataFrame],
-                 thresholds: Mapping[tuple[str, str], float | None] | None = None) -> pd.DataFrame:
-    """Results per defect type: one row per (series, category, defect).
+DEFECT_COLUMNS = ["series", "category", "defect", "images", "image AUROC (%)", "pixel AUROC (%)", "AUPRO (%)",
+                  "detected", "detected (%)"]
 
-    ``series`` maps a legend label to that run's per-image table. Per defect type: the number of
-    its images, the image AUROC of those images against the category's normal images (NaN when
-    the category has no normal test image), and, given ``thresholds`` ``{(label, category):
-    threshold}``, how many of them are flagged (``score > threshold``).
+
+def defect_table(series: Mapping[str, tuple[pd.DataFrame, pd.DataFrame]],
+                 thresholds: Mapping[tuple[str, str], float | None] | None = None) -> pd.DataFrame:
+    """Results per defect type: one row per (series, category, defect), in percent.
+
+    ``series`` maps a legend label to (``ResultStore.load_defects``, ``load_images``) of a run:
+    the metrics are the ones the evaluation stored (that type's images against all normal
+    images of the category); given ``thresholds`` ``{(label, category): threshold}``, the
+    images of each type flagged (``score > threshold``) are counted from the per-image table.
     """
     from harmoniad.thresholds import decide
 
     rows = []
-    for label, images in series.items():
-        for category, part in images.groupby("category", sort=False):
-            normal = part[part["label"] == 0]
-            threshold = (thresholds or {}).get((label, str(category)))
-            for defect, bad in part[part["label"] == 1].groupby("defect", sort=True):
-                both = pd.concat([normal, bad])
-                auroc = (image_metrics_safe(both["label"].to_numpy(), both["score"].to_numpy(dtype=float))
-                         if len(normal) else float("nan"))
-                detected = None if threshold is None else int(decide(bad["score"].to_numpy(dtype=float), threshold).sum())
-                rows.append({"series": label, "category": str(category), "defect": str(defect), "images": len(bad),
-                             "normal images": len(normal), "image AUROC (%)": auroc * 100.0,
-                             "detected": detected,
-                             "detected (%)": np.nan if detected is None else 100.0 * detected / len(bad)})
-    columns = ["series", "category", "defect", "images", "normal images", "image AUROC (%)", "detected", "detected (%)"]
-    return pd.DataFrame(rows, columns=columns)
-
-
-def image_metrics_safe(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Image AUROC, NaN when it is undefined (one class only)."""
-    from harmoniad.metrics import image_metrics
-
-    try:
-        return float(image_metrics(labels, scores)["auroc"])
-    except MetricError:
-        return float("nan")
+    for label, (defects, images) in series.items():
+        for _, d in defects.iterrows():
+            category, defect = str(d["category"]), str(d["defect"])
+            bad = images[(images["category"] == category) & (images["defect"] == defect) & (images["label"] == 1)]
+            threshold = (thresholds or {}).get((label, category))
+            detected = (None if threshold is None or bad.empty
+                        else int(decide(bad["score"].to_numpy(dtype=float), threshold).sum()))
+            rows.append({"series": label, "category": category, "defect": defect, "images": int(d["n"]),
+                         "image AUROC (%)": d["image_auroc"] * 100.0, "pixel AUROC (%)": d["pixel_auroc"] * 100.0,
+                         "AUPRO (%)": d["aupro"] * 100.0, "detected": detected,
+                         "detected (%)": np.nan if detected is None else 100.0 * detected / len(bad)})
+    return pd.DataFrame(rows, columns=DEFECT_COLUMNS)
 
 
 def defect_bars(table: pd.DataFrame, value: str = "image AUROC (%)",
@@ -631,11 +652,12 @@ def defect_bars(table: pd.DataFrame, value: str = "image AUROC (%)",
 
 
 def interval_bars(intervals: Mapping[str, pd.DataFrame], colours: Mapping[str, str] | None = None,
-                  title: str = "Image AUROC with 95% bootstrap intervals") -> go.Figure:
-    """Grouped bars of image AUROC per category (and the mean) with interval error bars, in percent.
+                  metric: str = "image_auroc") -> go.Figure:
+    """Grouped bars of ``metric`` per category (and the mean) with interval error bars, in percent.
 
-    ``intervals`` maps a legend label to :func:`harmoniad.analysis.auroc_intervals`.
+    ``intervals`` maps a legend label to :func:`interval_table` (fractions).
     """
+    title = f"{METRIC_LABELS.get(metric, metric)} with 95% bootstrap intervals"
     fig = go.Figure()
     categories = list(dict.fromkeys(c for t in intervals.values() for c in t["category"] if c != MEAN_LABEL))
     categories.append(MEAN_LABEL)
@@ -647,18 +669,31 @@ def interval_bars(intervals: Mapping[str, pd.DataFrame], colours: Mapping[str, s
                     customdata=np.stack([t["low"], t["high"]], axis=1),
                     hovertemplate="%{x}: %{y:.1f} [%{customdata[0]:.1f}, %{customdata[1]:.1f}]<extra>"
                                   + label + "</extra>")
-    fig.update_layout(barmode="group", yaxis=dict(title="image AUROC (%)", range=[0, 105]),
+    fig.update_layout(barmode="group", yaxis=dict(title=f"{METRIC_LABELS.get(metric, metric)} (%)", range=[0, 105]),
                       xaxis=dict(title="category"))
     return tidy(fig, title=title)
 
 
-def significance_bars(diff: pd.DataFrame, tests: pd.DataFrame, target_label: str, baseline_label: str,
-                      metric_label: str = "Image AUROC") -> go.Figure:
-    """Per-category difference bars (points) with a star above categories where DeLong's paired
-    test finds the two methods' image AUROCs significantly different."""
-    significant = dict(zip(tests["category"], tests["significant"])) if len(tests) else {}
-    p_values = dict(zip(tests["category"], tests["p_value"])) if len(tests) else {}
-    values = diff["difference"].to_numpy(dtype=float)
+ALPHA = 0.05  # significance level of the paired tests, matching the 95% intervals
+MEAN_CATEGORY = "mean"
+
+
+def interval_table(intervals: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """``category, estimate, low, high`` of one metric from ``ResultStore.load_intervals``."""
+    part = intervals[intervals["metric"] == metric]
+    return part[["category", "estimate", "low", "high"]].reset_index(drop=True)
+
+
+def significance_bars(tests: pd.DataFrame, target_label: str, baseline_label: str, alpha: float = ALPHA) -> go.Figure:
+    """Image AUROC difference per category (percentage points) from ``ResultStore.paired_test``,
+    with a star on categories where DeLong's paired test is significant at ``alpha``."""
+    categories = list(tests["category"]) if len(tests) else []
+    values = (tests["image_auroc_diff"].to_numpy(dtype=float) * 100.0 if "image_auroc_diff" in tests
+              else np.full(len(categories), np.nan))
+    p_list = tests["delong_p"].to_numpy(dtype=float) if "delong_p" in tests else np.full(len(categories), np.nan)
+    p_values = dict(zip(categories, p_list))
+    significant = {c: bool(p < alpha) for c, p in p_values.items()}
+    diff = pd.DataFrame({"category": categories, "difference": values})
     fig = go.Figure(go.Bar(
         x=diff["category"], y=values,
         marker_color=[POSITIVE_COLOUR if v > 0 else NEGATIVE_COLOUR if v < 0 else "#9e9e9e" for v in np.nan_to_num(values)],
@@ -672,8 +707,28 @@ def significance_bars(diff: pd.DataFrame, tests: pd.DataFrame, target_label: str
     span = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
     fig.update_layout(yaxis=dict(title="difference (percentage points)", range=[-span * 1.3 - 1, span * 1.3 + 1]),
                       xaxis=dict(title="category"))
-    return tidy(fig, title=f"{target_label} minus {baseline_label}: {metric_label} (★ = significant, paired test)",
+    return tidy(fig, title=f"{target_label} minus {baseline_label}: image AUROC (★ = significant, paired test)",
                 legend=False)
+
+
+def ranks_over_categories(per_category: Mapping[str, Mapping[str, float]], alpha: float = ALPHA) -> dict | None:
+    """Friedman test and Nemenyi critical difference (:func:`harmoniad.stats.friedman_nemenyi`) of
+    >= 3 methods over their shared categories, as :func:`cd_diagram` draws it; None when there
+    are fewer than 3 methods or 2 categories every method scored."""
+    from harmoniad.stats import friedman_nemenyi
+
+    labels = list(per_category)
+    if len(labels) < 3:
+        return None
+    categories = sorted(set.intersection(*(set(v) for v in per_category.values())))
+    scores = np.array([[per_category[m][c] for m in labels] for c in categories], dtype=np.float64)
+    try:
+        result = friedman_nemenyi(scores, alpha)
+    except ValueError:
+        return None
+    return {"methods": labels, "average_ranks": [float(r) for r in result.average_ranks],
+            "critical_difference": result.critical_difference, "n_datasets": result.n_datasets,
+            "cliques": [[labels[i] for i in clique] for clique in result.cliques], "p_value": result.p_value}
 
 
 def cd_diagram(result: Mapping[str, object], colours: Mapping[str, str] | None = None) -> go.Figure:

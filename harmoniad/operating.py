@@ -3,8 +3,9 @@
 All through :mod:`harmoniad.thresholds` (one decision rule everywhere: an image is flagged
 when ``score > threshold``):
 
-- ``fitted``: the threshold the evaluation fitted on held-out *normal training* images and
-  stored with the run. No test label is used, so it is what a line would deploy: the default.
+- ``fitted``: the threshold the evaluation fitted on held-out *normal training* images at its
+  target false-positive rate and stored with the run (``ResultStore.load_thresholds``, rule
+  ``fpr``). No test label is used, so it is what a line would deploy: the default.
 - ``target_fpr``: the threshold at which at most the chosen fraction of normal images is
   flagged, set on the test set's normal images (so it uses test labels, and says so).
 - ``oracle``: the F1-max threshold on the test labels, labelled as the oracle it is.
@@ -17,7 +18,6 @@ fitted threshold) falls back to the oracle, visibly. The dashboard and the HTML 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,8 +34,22 @@ RULES: dict[str, str] = {
     TARGET_FPR: "target false-positive rate",
     ORACLE: "oracle F1-max (uses test labels)",
 }
-#: Columns of a run's per-category metrics that may hold a threshold fitted on normal images.
-FITTED_COLUMNS = ("threshold_fitted", "threshold", "fitted_threshold")
+#: The stored rule (``ResultStore.load_thresholds``) that ``fitted`` uses.
+STORED_FITTED_RULE = "fpr"
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """A threshold fitted on held-out normal training images, as the run stored it."""
+
+    value: float
+    n_normals: int | None
+    target_fpr: float | None
+
+    def describe(self) -> str:
+        n = f"{self.n_normals} " if self.n_normals else ""
+        fpr = f" at a target false-positive rate of {self.target_fpr:.0%}" if self.target_fpr is not None else ""
+        return f"fitted on {n}held-out normal training images{fpr} (no test label used)"
 
 
 @dataclass(frozen=True)
@@ -54,18 +68,21 @@ class Decision:
         return decide(scores, self.threshold)
 
 
-def fitted_value(metrics_row: Mapping[str, object] | pd.Series | None) -> float | None:
-    """The stored threshold fitted on normal images in a per-category metrics row, if any."""
-    if metrics_row is None:
-        return None
-    for column in FITTED_COLUMNS:
-        value = metrics_row.get(column) if hasattr(metrics_row, "get") else None
-        if value is not None and not (isinstance(value, float) and math.isnan(value)):
-            return float(value)  # type: ignore[arg-type]
-    return None
+def fitted_thresholds(stored: pd.DataFrame) -> dict[str, Fitted]:
+    """``category -> Fitted`` from ``ResultStore.load_thresholds`` (empty for runs stored
+    without held-out normals, e.g. methods or runs from before thresholds were fitted)."""
+    out = {}
+    for _, row in stored[stored["rule"] == STORED_FITTED_RULE].iterrows():
+        if row["value"] is None or (isinstance(row["value"], float) and math.isnan(row["value"])):
+            continue
+        n = row.get("n_normals")
+        target = row.get("target_fpr")
+        out[str(row["category"])] = Fitted(float(row["value"]), None if pd.isna(n) else int(n),
+                                           None if target is None or pd.isna(target) else float(target))
+    return out
 
 
-def decision(rule: str, rows: pd.DataFrame, *, fitted: float | None = None,
+def decision(rule: str, rows: pd.DataFrame, *, fitted: Fitted | None = None,
              target_fpr: float = DEFAULT_TARGET_FPR) -> Decision:
     """The operating point of ``rule`` for one category's per-image ``rows`` (``label``, ``score``)."""
     if rule not in RULES:
@@ -74,7 +91,7 @@ def decision(rule: str, rows: pd.DataFrame, *, fitted: float | None = None,
     scores = rows["score"].to_numpy(dtype=np.float64)
     if rule == FITTED:
         if fitted is not None:
-            return Decision(fitted, FITTED, "fitted on held-out normal training images (no test label used)", False)
+            return Decision(fitted.value, FITTED, fitted.describe(), False)
         fallback = decision(ORACLE, rows)
         return Decision(fallback.threshold, ORACLE, "this run stored no threshold fitted on normal images, so the "
                         "oracle F1-max threshold is used instead (it uses test labels)", True)

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harmoniad import analysis, charts
-from harmoniad.operating import ORACLE, RULES, decision, fitted_value
+from harmoniad import charts
+from harmoniad.operating import ORACLE, RULES, decision, fitted_thresholds
 from harmoniad.runtime.atomic import atomic_write_text
 from harmoniad.store import METRIC_COLUMNS, ResultStore, RunDataMissing, RunInfo
 from harmoniad.store.export import RANDOM_WEIGHTS_STATEMENT, weights_statement
@@ -80,13 +80,12 @@ def _thumbnail(store: ResultStore, info: RunInfo, row: pd.Series, scale: tuple[f
     return _png(picture)
 
 
-def _gallery(store: ResultStore, info: RunInfo, images: pd.DataFrame, metrics: pd.DataFrame) -> str:
+def _gallery(store: ResultStore, info: RunInfo, images: pd.DataFrame) -> str:
     """Worst false positives and false negatives over all categories at each category's operating point."""
     fps, fns, rules = [], [], set()
-    by_category = metrics.set_index("category") if len(metrics) else metrics
+    fitted = fitted_thresholds(store.load_thresholds(info.id))
     for category, rows in images.groupby("category", sort=False):
-        fitted = fitted_value(by_category.loc[category] if category in by_category.index else None)
-        dec = decision("fitted", rows, fitted=fitted)
+        dec = decision("fitted", rows, fitted=fitted.get(str(category)))
         if dec.threshold is None:
             continue
         rules.add(dec.rule)
@@ -168,50 +167,60 @@ def render_report(store: ResultStore, run_ids: Sequence[str]) -> str:
     for metric in ("image_auroc", "pixel_aupro"):
         body.append(_figure(charts.category_bars(table, metric, colours=colours), first))
 
-    if images:
-        intervals = {labels[r]: analysis.auroc_intervals(t) for r, t in images.items()}
-        body.append("<h2>Intervals</h2><p class='note'>Image AUROC with 95% stratified bootstrap intervals "
-                    "(1,000 resamples of the test images).</p>")
-        rows = [t.assign(series=label) for label, t in intervals.items()]
-        shown = pd.concat(rows)[["series", "category", "estimate", "low", "high"]]
+    intervals = {labels[i.id]: store.load_intervals(i.id) for i in infos}
+    rows = [t.assign(series=label) for label, t in intervals.items() if len(t)]
+    if rows:
+        body.append("<h2>Intervals</h2><p class='note'>95% stratified bootstrap intervals stored with each run "
+                    "(test images resampled, normal and defective separately), percent.</p>")
+        shown = pd.concat(rows)[["series", "category", "metric", "estimate", "low", "high"]]
         shown[["estimate", "low", "high"]] *= 100.0
-        body.append(_table(shown) + _figure(charts.interval_bars(intervals, colours), first))
+        body.append(_table(shown))
+        image = {label: charts.interval_table(t, "image_auroc") for label, t in intervals.items()}
+        body.append(_figure(charts.interval_bars({k: v for k, v in image.items() if len(v)}, colours), first))
+    if images:
         body.append("<h2>Per defect type</h2>")
         cuts, rules = {}, set()
         for r, t in images.items():
-            by_category = metrics[r].set_index("category")
+            fitted = fitted_thresholds(store.load_thresholds(r))
             for category, part in t.groupby("category", sort=False):
-                dec = decision("fitted", part, fitted=fitted_value(
-                    by_category.loc[category] if category in by_category.index else None))
+                dec = decision("fitted", part, fitted=fitted.get(str(category)))
                 cuts[(labels[r], str(category))] = dec.threshold
                 rules.add(dec.rule)
         if ORACLE in rules:
             body.append("<p class='note'>Detected counts use the oracle F1-max threshold (it uses test labels) where "
-                        "a run stored no threshold fitted on normal images.</p>")
-        defects = charts.defect_table({labels[r]: t for r, t in images.items()}, cuts)
+                        "a run stored no threshold fitted on normal images; elsewhere the threshold fitted on "
+                        "held-out normal training images.</p>")
+        defects = charts.defect_table({labels[r]: (store.load_defects(r), t) for r, t in images.items()}, cuts)
         if len(defects):
             body.append(_table(defects) + _figure(charts.defect_bars(defects, colours=colours), first))
         ids = list(images)
         if len(ids) >= 2:
-            body.append("<h2>Paired tests</h2><p class='note'>DeLong's test of image AUROC on the same images, "
-                        "per category; significant at the 5% level, no multiple-testing correction.</p>")
+            body.append("<h2>Paired tests</h2><p class='note'>DeLong's test of image AUROC on the images both runs "
+                        "scored, per category; significant at the 5% level, no multiple-testing correction.</p>")
             tests = []
-            for a in ids:
-                for b in ids:
-                    if a < b:
-                        t = analysis.paired_auroc_tests(images[a], images[b])
-                        tests.append(t.assign(a=labels[a], b=labels[b]))
-            both = pd.concat(tests)[["a", "b", "category", "n_images", "difference", "p_value", "significant"]]
-            body.append(both.to_html(index=False, border=0, classes="t", float_format=lambda v: f"{v:.3g}"))
-        per_category = {labels[r]: {c: v for c, v in t.set_index("category")["estimate"].items()
-                                    if c != analysis.MEAN} for r, t in zip(images, intervals.values())}
-        ranks = analysis.ranks_over_categories(per_category)
+            for n, a in enumerate(ids):
+                for b in ids[n + 1:]:
+                    t = store.paired_test(a, b)
+                    if len(t):
+                        tests.append(t.assign(a=labels[a], b=labels[b],
+                                              significant=t.get("delong_p", pd.Series(np.nan)) < charts.ALPHA))
+            if tests:
+                columns = ["a", "b", "category", "n_images", "image_auroc_diff", "delong_p", "significant"]
+                both = pd.concat(tests)
+                body.append(both[[c for c in columns if c in both]].to_html(
+                    index=False, border=0, classes="t", float_format=lambda v: f"{v:.3g}"))
+        per_category = {}
+        for i in infos:
+            ok = metrics[i.id][(metrics[i.id]["status"] == "ok") & metrics[i.id]["image_auroc"].notna()]
+            per_category[labels[i.id]] = dict(zip(ok["category"], ok["image_auroc"]))
+        ranks = charts.ranks_over_categories(per_category)
         if ranks is not None:
-            body.append("<h2>Critical-difference diagram</h2>" + _figure(charts.cd_diagram(ranks, colours), first))
+            body.append("<h2>Critical-difference diagram</h2><p class='note'>Image AUROC ranks over categories.</p>"
+                        + _figure(charts.cd_diagram(ranks, colours), first))
         body.append("<h2>Worst failures</h2>")
         for r, t in images.items():
             info = next(i for i in infos if i.id == r)
-            body.append(f"<h3>{html.escape(labels[r])}</h3>" + _gallery(store, info, t, metrics[r]))
+            body.append(f"<h3>{html.escape(labels[r])}</h3>" + _gallery(store, info, t))
     title = ("HarmoniAD report: " + ", ".join(labels[i.id] for i in infos)
              + f" on {', '.join(sorted({i.dataset for i in infos}))}")
     created = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")

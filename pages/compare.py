@@ -15,7 +15,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import defects, nav, state
-from harmoniad import analysis, charts
+from harmoniad import charts
 from harmoniad.methods import METHODS
 from harmoniad.store import METRIC_COLUMNS, RunDataMissing, RunInfo, RunNotFound
 
@@ -168,50 +168,55 @@ def _defects_section(infos: dict[str, RunInfo], tables: dict[str, pd.DataFrame],
     defects.section({labels[rid]: (infos[rid], t) for rid, t in tables.items()}, colours, key="compare")
 
 
-def _statistics_section(tables: dict[str, pd.DataFrame], labels: dict[str, str], colours: dict[str, str]) -> None:
+STAT_METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
+
+
+def _statistics_section(infos: dict[str, RunInfo], labels: dict[str, str], colours: dict[str, str]) -> None:
     st.subheader("Statistics")
-    if not tables:
-        st.info("No per-image scores to compute intervals from.")
-        return
-    intervals = {labels[rid]: _intervals(t) for rid, t in tables.items()}
-    st.plotly_chart(charts.interval_bars(intervals, colours), key="compare_intervals")
-    st.caption("Error bars: 95% stratified bootstrap intervals (1,000 resamples of the test images, normal and "
-               "defective resampled separately). Few test images give wide intervals.")
-    ids = list(tables)
+    metric = st.columns([1, 2])[0].selectbox("Interval metric", STAT_METRICS,
+                                             format_func=charts.METRIC_LABELS.__getitem__, key="compare_stat_metric")
+    intervals = {labels[rid]: charts.interval_table(state.run_intervals(info), metric) for rid, info in infos.items()}
+    missing = [label for label, t in intervals.items() if t.empty]
+    intervals = {label: t for label, t in intervals.items() if len(t)}
+    if intervals:
+        st.plotly_chart(charts.interval_bars(intervals, colours, metric), key="compare_intervals")
+        st.caption("Error bars: 95% stratified bootstrap intervals stored with each run (test images resampled, "
+                   "normal and defective separately; 'mean' resamples every category together). Few test images "
+                   "give wide intervals.")
+    if missing:
+        st.caption(f"No stored intervals for {', '.join(missing)} (evaluated without bootstrap resamples, or no "
+                   "defective images).")
+    ids = list(infos)
+    tests = None
     if len(ids) >= 2:
         left, right = st.columns(2)
         a = left.selectbox("Method A", ids, format_func=labels.__getitem__, key="compare_stat_a")
         b = right.selectbox("Method B", [r for r in ids if r != a], format_func=labels.__getitem__, key="compare_stat_b")
-        tests = analysis.paired_auroc_tests(tables[a], tables[b])
-        per_a, per_b = intervals[labels[a]].set_index("category"), intervals[labels[b]].set_index("category")
-        shared = [c for c in per_a.index if c in per_b.index and c != analysis.MEAN]
-        diff = pd.DataFrame({"category": shared,
-                             "difference": [(per_a.loc[c, "estimate"] - per_b.loc[c, "estimate"]) * 100 for c in shared]})
-        st.plotly_chart(charts.significance_bars(diff, tests, labels[a], labels[b]), key="compare_significance")
-        n_sig = int(tests["significant"].sum()) if len(tests) else 0
-        st.caption(f"★ marks categories where DeLong's paired test on the same images finds the image AUROCs "
-                   f"different at the 5% level ({n_sig} of {len(tests)}); no multiple-testing correction.")
-    per_category = {labels[rid]: {c: v for c, v in t.set_index("category")["estimate"].items() if c != analysis.MEAN}
-                    for rid, t in zip(tables, intervals.values())}
-    ranks = analysis.ranks_over_categories(per_category)
+        try:
+            tests = state.paired_test(infos[a], infos[b])
+        except RunDataMissing as exc:
+            st.error(f"The paired test needs both runs' per-image scores: {exc}. {state.MISSING_FILES_HELP}")
+            tests = None
+    if len(ids) >= 2 and tests is not None:
+        st.plotly_chart(charts.significance_bars(tests, labels[a], labels[b]), key="compare_significance")
+        n_sig = int((tests["delong_p"] < charts.ALPHA).sum()) if "delong_p" in tests else 0
+        st.caption(f"★ marks categories where DeLong's paired test on the images both runs scored finds the image "
+                   f"AUROCs different at the 5% level ({n_sig} of {len(tests)}); no multiple-testing correction.")
+    per_category = {}
+    for rid, info in infos.items():
+        metrics = state.run_metrics(info)
+        ok = metrics[(metrics["status"] == "ok") & metrics[metric].notna()]
+        per_category[labels[rid]] = dict(zip(ok["category"], ok[metric]))
+    ranks = charts.ranks_over_categories(per_category)
     if ranks is not None:
         st.plotly_chart(charts.cd_diagram(ranks, colours), key="compare_cd")
-        st.caption(f"Average rank of image AUROC over {ranks['n_datasets']} categories (Friedman test, Nemenyi "
-                   "critical difference at 5%). Methods joined by a black bar are not significantly different.")
+        st.caption(f"Average rank of {charts.METRIC_LABELS[metric]} over {ranks['n_datasets']} categories (Friedman "
+                   "test, Nemenyi critical difference at 5%). Methods joined by a black bar are not significantly "
+                   "different.")
     elif len(ids) >= 3:
         st.caption("No critical-difference diagram: it needs at least two categories scored by every method.")
     else:
         st.caption("A critical-difference diagram appears when three or more runs are compared.")
-
-
-@st.cache_data(show_spinner="Bootstrapping intervals...", max_entries=64)
-def _intervals_cached(run_key: str, images: pd.DataFrame) -> pd.DataFrame:
-    return analysis.auroc_intervals(images)
-
-
-def _intervals(images: pd.DataFrame) -> pd.DataFrame:
-    key = str(pd.util.hash_pandas_object(images[["image_path", "label", "score"]], index=False).sum())
-    return _intervals_cached(key, images)
 
 
 def _percent_columns(columns: object) -> dict:
@@ -275,7 +280,7 @@ def main() -> None:
         _defects_section(infos, tables, labels, colours)
         _curves_section(infos, tables, labels, colours)
         _difference_section(table, metric, infos, labels)
-        _statistics_section(tables, labels, colours)
+        _statistics_section(infos, labels, colours)
     _ablations_section(pool, ablation_ids, st.session_state.get("compare_metric", METRIC_COLUMNS[0]))
 
 

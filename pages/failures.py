@@ -144,9 +144,7 @@ def main() -> None:
     k = c3.slider("Cards per list", 2, 32, 8, step=2, key="failures_k")
     with_map = c4.toggle("Overlay the anomaly map", value=True, key="failures_map",
                          help="Shows where the detector looked; the green outline is the ground truth.")
-    metrics = state.run_metrics(info)
-    match = metrics[metrics["category"] == category]
-    dec = thresholds.decision(rule, rows, fitted=thresholds.fitted_value(match.iloc[0] if len(match) else None),
+    dec = thresholds.decision(rule, rows, fitted=state.fitted_thresholds(info).get(str(category)),
                               target_fpr=target_fpr)
     if dec.threshold is None:
         st.info(f"No image threshold for this category: {dec.how}.")

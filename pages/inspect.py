@@ -69,6 +69,7 @@ def _category_scale(run_id: str, updated: str, indices: tuple[int, ...]) -> dict
     maps = [store.load_maps(run_id, i) for i in indices]
     ranges = {name: charts.map_range([m[name] for m in maps if name in m]) for name, _, _ in BRANCHES
               if any(name in m for m in maps)}
+    quantiles = {name: charts.score_quantiles([m[name] for m in maps if name in m]) for name in ranges}
     anomaly = np.stack([m["anomaly"] for m in maps])
     masks = np.stack([m.get("mask", np.zeros(m["anomaly"].shape, bool)) for m in maps])
     threshold = charts.f1_max_threshold(masks.ravel(), anomaly.ravel())
@@ -79,7 +80,7 @@ def _category_scale(run_id: str, updated: str, indices: tuple[int, ...]) -> dict
     else:
         threshold = float(np.percentile(anomaly[np.isfinite(anomaly)], 99))
         how = "the 99th percentile of this category's sampled maps (no defect pixels to fit a pixel-F1 threshold)"
-    return {"ranges": ranges, "threshold": float(threshold), "how": how}
+    return {"ranges": ranges, "quantiles": quantiles, "threshold": float(threshold), "how": how}
 
 
 # ----------------------------------------------------------------------------- selection
@@ -220,8 +221,8 @@ def _with_outcomes(info: RunInfo, images: pd.DataFrame, rule: str, target_fpr: f
 # ----------------------------------------------------------------------------- display
 
 SCALES = {
-    "shared": "shared: one range per method and map kind over the category",
-    "own": "per map: each map's own range",
+    "shared": "shared by all maps: percentile of the method's pixel scores in this category",
+    "own": "per map: raw scores, each map's own range",
 }
 PER_ROW = {2: "2 per row", 3: "3 per row", 4: "4 per row"}
 
@@ -231,10 +232,11 @@ class Panel:
     """One map to draw: whose it is, which map, its values and the range its colours span."""
 
     title: str
-    values: np.ndarray
+    values: np.ndarray  # what is coloured: percentiles (shared scale) or raw scores (per map)
     lo: float
     hi: float
     note: str
+    raw: np.ndarray | None = None  # raw scores for hovering when ``values`` are percentiles
 
 
 def _peers(info: RunInfo) -> list[RunInfo]:
@@ -267,9 +269,7 @@ def _peer_row(peer: RunInfo, path: str) -> tuple[pd.DataFrame, pd.Series] | None
 
 
 def _decision(peer: RunInfo, rows: pd.DataFrame, category: str, rule: str, target_fpr: float) -> thresholds.Decision:
-    metrics = state.run_metrics(peer)
-    match = metrics[metrics["category"] == category]
-    fitted = thresholds.fitted_value(match.iloc[0] if len(match) else None)
+    fitted = state.fitted_thresholds(peer).get(category)
     return thresholds.decision(rule, rows, fitted=fitted, target_fpr=target_fpr)
 
 
@@ -287,8 +287,10 @@ def _side_by_side(info: RunInfo, row: pd.Series, base: np.ndarray | None, rule: 
                             format_func=labels.__getitem__, key="inspect_methods",
                             help="The newest complete run of each method on this dataset.")
     scale = c2.radio("Colour scale", list(SCALES), format_func=SCALES.__getitem__, key="inspect_scale",
-                     help="Shared: a map's colours mean the same score on every image of the category (a normal "
-                          "image looks calm). Per map: the full colour range within this one map (most contrast).")
+                     help="Shared: every map on one 0-100 scale, the percentile of each pixel's score among the "
+                          "method's pixel scores over this category, so methods that score in different units compare "
+                          "and a normal image looks calm. Per map: raw scores stretched over each map's own range "
+                          "(most contrast within one map).")
     opacity = c3.slider("Map opacity", 0.0, 1.0, 0.6, 0.05, key="inspect_opacity",
                         help="0 shows the image only, 1 the map only.")
     per_row = c4.selectbox("Layout", list(PER_ROW), format_func=PER_ROW.__getitem__, key="inspect_per_row")
@@ -321,12 +323,15 @@ def _side_by_side(info: RunInfo, row: pd.Series, base: np.ndarray | None, rule: 
         for name, title, _ in BRANCHES:
             if name not in maps:
                 continue
-            values = maps[name]
-            lo, hi = sample["ranges"][name] if sample is not None and name in sample["ranges"] else charts.map_range([values])
+            raw = maps[name]
             heading = labels[peer.id] if name == "anomaly" else f"{labels[peer.id]}: {title.lower()}"
-            note = (f"score {float(prow['score']):.4g} · {verdict}" if name == "anomaly"
-                    else "branch map (its own colour range)")
-            panels.append((Panel(heading, values, lo, hi, note), peer.id))
+            note = f"score {float(prow['score']):.4g} · {verdict}" if name == "anomaly" else "frequency-branch map"
+            if sample is not None and name in sample["quantiles"]:
+                values = charts.to_percentiles(raw, sample["quantiles"][name])
+                panels.append((Panel(heading, values, 0.0, 100.0, note, raw), peer.id))
+            else:
+                lo, hi = charts.map_range([raw])
+                panels.append((Panel(heading, raw, lo, hi, note), peer.id))
     if not panels:
         st.info("No stored maps for this image in the chosen runs.")
     else:
@@ -336,13 +341,17 @@ def _side_by_side(info: RunInfo, row: pd.Series, base: np.ndarray | None, rule: 
                 for column, (panel, run_id) in zip(columns, panels[start:start + per_row]):
                     with column:
                         fig = charts.map_figure(panel.values, base=base, lo=panel.lo, hi=panel.hi, opacity=opacity,
-                                                mask=mask, title=panel.title)
+                                                mask=mask, title=panel.title, raw=panel.raw,
+                                                colourbar_title="percentile" if panel.raw is not None else "score")
                         st.plotly_chart(fig, key=f"inspect_map_{len([p for p in panels[:start]])}_{panel.title}",
                                         config={"displaylogo": False, "scrollZoom": True})
                         st.markdown(panel.note)
     st.caption("Maps use the inferno colour scale (dark = normal, bright = anomalous); the cyan line is the ground "
-               "truth. Drag on a map to zoom, double-click to reset. Each colour bar is in that method's own score "
-               f"units. Decisions are at the operating point chosen above ({thresholds.RULES[rule]}).")
+               "truth. Drag on a map to zoom, double-click to reset; hover for a pixel's raw score. "
+               + ("Shared scale: 0-100 = the pixel's percentile among the method's pixel scores over this category "
+                  "(from a fixed sample of its images). " if scale == "shared" else
+                  "Per-map scale: each colour bar spans that map's own raw scores. ")
+               + f"Decisions are at the operating point chosen above ({thresholds.RULES[rule]}).")
     table = pd.DataFrame(summary)
     st.dataframe(table, hide_index=True, width="stretch",
                  column_config={"Score": st.column_config.NumberColumn(format="%.4g"),

@@ -73,7 +73,9 @@ def _screenshot(page: Page, name: str) -> None:
 
 
 def _colourbar_ticks(page: Page, chart: int) -> list[str]:
-    return page.locator(MAPS).nth(chart).locator("g.colorbar text").all_inner_texts()
+    # SVG text has no innerText: read textContent (the tick labels, then the bar's title).
+    return page.locator(MAPS).nth(chart).locator("g.colorbar text").evaluate_all(
+        "els => els.map(e => e.textContent.trim()).filter(t => t)")
 
 
 def _metric(page: Page, label: str) -> str:
@@ -88,17 +90,20 @@ def test_inspect_shows_every_method_and_the_colour_scale_toggle_changes_the_colo
     for i in range(N_MAPS):
         box = page.locator(MAPS).nth(i).locator("svg.main-svg").first.bounding_box()
         assert box is not None and box["width"] >= 384, f"map {i} is {box} wide at 1280x800 (needs >= 384 px)"
-        assert len(_colourbar_ticks(page, i)) >= 3, f"map {i}: colour bar without values"
+        ticks = _colourbar_ticks(page, i)
+        numbers = [t for t in ticks if t.replace(".", "", 1).replace("−", "").replace("-", "").isdigit()]
+        assert len(numbers) >= 3, f"map {i}: colour bar without values: {ticks}"
     _screenshot(page, "inspect-1280")
 
     shared = [_colourbar_ticks(page, i) for i in range(N_MAPS)]
-    page.get_by_text("per map: each map's own range").click()
+    page.get_by_text("per map: raw scores, each map's own range").click()
     _settle(page)
     expect(page.locator(MAPS)).to_have_count(N_MAPS, timeout=TIMEOUT_MS)
     own = [_colourbar_ticks(page, i) for i in range(N_MAPS)]
+    # Shared: one 0-100 percentile scale on every map; per map: each map's own raw range.
+    assert all(ticks == shared[0] for ticks in shared) and shared[0][0] == "0" and "100" in shared[0], shared
     changed = [i for i in range(N_MAPS) if own[i] != shared[i]]
-    # Anomaly maps change range (the category's range -> this map's); branch maps keep their own either way.
-    assert len(changed) >= 3, f"colour bars unchanged by the per-map scale: {shared} vs {own}"
+    assert len(changed) == N_MAPS, f"colour bars unchanged by the per-map scale: {shared} vs {own}"
 
     # Next image in the list: another image, still one map per method.
     before = page.locator(".st-key-inspect_maps").inner_text()

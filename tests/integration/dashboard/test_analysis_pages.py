@@ -237,3 +237,27 @@ def test_missing_image_files_still_show_the_maps(demo_store: ResultStore, tmp_pa
     at = _open("failures", run_id)
     _no_exception(at, "failures")
     assert any("image file missing" in c.value for c in at.caption)
+
+
+def test_a_chosen_defect_type_filters_failure_cases_and_inspect(demo_store: ResultStore) -> None:
+    ids = _run_ids(demo_store)
+    images = demo_store.load_images(ids["harmoniad"])
+    defective = images[images["label"] == 1].iloc[-1]
+    chosen = (str(defective["category"]), str(defective["defect"]))
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state[nav.RUN_KEY] = ids["harmoniad"]
+    at.session_state[nav.DEFECT_KEY] = chosen  # what clicking a row of the per-defect table sets
+    at.run()
+    at.switch_page("../pages/failures.py").run()
+    _no_exception(at, "failures")
+    assert at.selectbox(key="failures_category").value == chosen[0]
+    assert at.selectbox(key="failures_defect").value == chosen[1]
+    assert all(chosen[1] in c.value for c in at.caption if c.value.startswith(f"{chosen[1]}/"))
+    at.switch_page("../pages/inspect.py").run()
+    _no_exception(at, "inspect")
+    assert at.selectbox(key="inspect_defect").value == chosen[1]
+    shown = images.set_index("index").loc[at.selectbox(key="inspect_image").value]
+    assert (shown["category"], shown["defect"]) == chosen
+    # The per-defect table on Compare and Overview sets that key when a row is clicked.
+    at.switch_page("../pages/compare.py").run()
+    assert any(d.proto.id.endswith("compare_defects") or "compare_defects" in d.proto.id for d in at.dataframe)
