@@ -41,7 +41,7 @@ PAGES: dict[str, tuple[str, str, dict[str, int], tuple[str, ...]]] = {
     "": ("overview", "Overview", {'[data-testid="stDataFrame"]': 3}, (RANDOM_BANNER, "Published results")),
     "run": ("run", "Run", {'[data-testid="stTextInput"]': 1}, ("Found 2 categories", "Start evaluation")),
     "compare": ("compare", "Compare methods", {'[data-testid="stPlotlyChart"]': 1}, (RANDOM_BANNER,)),
-    "inspect": ("inspect", "Inspect an image", {'[data-testid="stImage"]': 2}, (RANDOM_BANNER,)),
+    "inspect": ("inspect", "Inspect an image", {'.st-key-inspect_maps [data-testid="stPlotlyChart"]': 5}, (RANDOM_BANNER,)),
     "failures": ("failures", "Failure cases", {'[data-testid="stImage"]': 1}, (RANDOM_BANNER,)),
     "export": ("export", "Export", {'[data-testid="stDownloadButton"]': 4, '[data-testid="stPlotlyChart"]': 1},
                (RANDOM_BANNER, "Per-image scores (CSV)")),
@@ -132,6 +132,12 @@ def _check_page(page: Page, url: str, path: str) -> None:
     exceptions = page.locator('[data-testid="stException"]')
     assert exceptions.count() == 0, f"{name}: Streamlit exception shown: {exceptions.first.inner_text()}"
     for selector, minimum in selectors.items():
+        # Data frames and charts mount a moment after the script ends: wait for them, then check.
+        try:
+            page.wait_for_function("([s, n]) => document.querySelectorAll(s).length >= n", arg=[selector, minimum],
+                                   timeout=TIMEOUT_MS)
+        except Exception:  # noqa: BLE001 - reported by the assertion below
+            pass
         assert page.locator(selector).count() >= minimum, f"{name}: fewer than {minimum} of {selector}"
     body = page.locator('[data-testid="stMain"]').inner_text()
     for text in texts:
