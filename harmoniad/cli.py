@@ -104,7 +104,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _score_threshold(args: argparse.Namespace, score_settings: dict) -> tuple[float | None, str]:
-    """The threshold ``score`` applies and where it comes from (None: no decisions)."""
+    """The threshold ``score`` applies and where it comes from (None: no decisions, the
+    reason in the second item: scoring never fails for want of a threshold)."""
     from harmoniad.thresholds import THRESHOLDS_FILE, load_checkpoint_thresholds
 
     if args.threshold_value is not None:
@@ -117,22 +118,22 @@ def _score_threshold(args: argparse.Namespace, score_settings: dict) -> tuple[fl
     differ = sorted(k for k, v in stored["score"].items()
                     if k != "compile" and k in score_settings and score_settings[k] != v)
     if differ:
-        raise ValueError(
-            f"{args.checkpoint / THRESHOLDS_FILE}: thresholds were fitted with scoring settings "
+        return None, (
+            f"not applied: {args.checkpoint / THRESHOLDS_FILE} was fitted with scoring settings "
             + ", ".join(f"{k}={stored['score'][k]!r}" for k in differ)
             + " but this run uses " + ", ".join(f"{k}={score_settings[k]!r}" for k in differ)
-            + "; use the same settings, --threshold none, or --threshold-value"
+            + "; use the same settings or --threshold-value"
         )
     categories = stored["categories"]
     category = args.category
     if category is None:
         if len(categories) != 1:
-            raise ValueError(f"{args.checkpoint / THRESHOLDS_FILE} holds thresholds of categories "
-                             f"{sorted(categories)}; pick one with --category")
+            return None, (f"not applied: {args.checkpoint / THRESHOLDS_FILE} holds thresholds of categories "
+                          f"{sorted(categories)}; pick one with --category")
         category = next(iter(categories))
     if category not in categories or args.threshold not in categories[category]:
-        raise ValueError(f"{args.checkpoint / THRESHOLDS_FILE}: no {args.threshold!r} threshold for category "
-                         f"{category!r}; stored: { {c: sorted(t) for c, t in categories.items()} }")
+        return None, (f"not applied: {args.checkpoint / THRESHOLDS_FILE} has no {args.threshold!r} threshold "
+                      f"for category {category!r}; stored: { {c: sorted(t) for c, t in categories.items()} }")
     chosen = categories[category][args.threshold]
     how = (f"target FPR {chosen.get('target_fpr')}" if args.threshold == "fpr" else "max")
     return float(chosen["value"]), (f"fitted on {chosen.get('n_normals')} held-out normal images of "
@@ -198,7 +199,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     n_scored = int((table["status"] == "scored").sum())
     flagged = "" if threshold is None else f", {int(table['anomalous'].fillna(False).astype(bool).sum())} flagged anomalous"
     print(f"scored {n_scored} of {len(images)} images{flagged} -> {args.out / 'scores.csv'} and heatmaps in {args.out}")
-    print(f"threshold: {'none' if threshold is None else f'{threshold:.6g}'} ({source})")
+    print(f"threshold: {'none' if threshold is None else f'{threshold:.6g}'} ({source})",
+          file=sys.stderr if source.startswith("not applied") else sys.stdout)
     return 0 if n_scored else 1
 
 
@@ -346,8 +348,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
         from harmoniad.store.export import export_json
 
         for run_id in args.run_ids:
-            for path in (store.export_csv(run_id, args.out) if args.format == "csv"
-                         else [export_json(store, run_id, args.out)]):
+            for path in ([*store.export_csv(run_id, args.out), *store.export_details_csv(run_id, args.out)]
+                         if args.format == "csv" else [export_json(store, run_id, args.out)]):
                 print(path)
     elif args.action == "delete":
         store.delete_run(args.run_id, force=args.force)

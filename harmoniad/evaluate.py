@@ -36,6 +36,7 @@ from harmoniad.stats import LEVEL
 from harmoniad.thresholds import save_checkpoint_thresholds
 from harmoniad.runtime.progress import Cancelled, Progress, ProgressEvent, ProgressFn, print_progress, silent
 from harmoniad.data.screening import Screen, SkippedFile, load_categories
+from harmoniad.runtime.background import BackgroundWriter
 from harmoniad.store import ResultStore
 
 
@@ -127,6 +128,49 @@ def category_metrics(labels: np.ndarray, pred: Prediction, masks: np.ndarray) ->
     per-defect results, intervals and thresholds.
     """
     return {**image_part(labels, pred.scores), **pixel_part(masks, pred.maps)}
+
+
+def record_category(
+    store: ResultStore,
+    run_id: str,
+    category: str,
+    samples: Sequence[Sample],
+    pred: Prediction,
+    *,
+    t0: float,
+    masks: np.ndarray | None = None,
+    normal_scores: np.ndarray | None = None,
+    target_fpr: float = 0.01,
+    n_resamples: int = 1000,
+    seed: int | np.random.SeedSequence = 0,
+    skipped: Sequence[tuple[str, str]] = (),
+) -> CategoryReport:
+    """Metrics of one scored category and its record in the store (tables, maps, details).
+
+    What evaluation runs on its background writer after a category is scored (and the
+    end-to-end benchmark too). ``masks`` are read at the run's resolution when not given;
+    ``t0`` is when the category's work started (for the recorded seconds).
+    """
+    if masks is None:
+        masks = masks_at(samples, store.get_run(run_id).resolution)
+    labels = np.array([s.label for s in samples])
+    report = category_report(
+        labels, pred.scores, [s.defect for s in samples], [s.mask_path is not None for s in samples],
+        masks, pred.maps, normal_scores=normal_scores, target_fpr=target_fpr, n_resamples=n_resamples, seed=seed,
+    )
+    maps = {"anomaly": pred.maps, "high": pred.high_maps, "low": pred.low_maps}
+    store.add_category(
+        run_id,
+        category,
+        metrics=report.metrics,
+        images=_images_table(samples, pred.scores),
+        maps={k: v for k, v in maps.items() if v is not None},
+        masks=masks,
+        seconds=time.perf_counter() - t0,
+        skipped=list(skipped),
+        details=report.details,
+    )
+    return report
 
 
 def _images_table(samples: Sequence[Sample], scores: np.ndarray) -> pd.DataFrame:
@@ -279,56 +323,58 @@ def _run_method(
     request = request or EvalRequest("", "", (method.name,))
     reports: dict[str, CategoryReport] = {}
     fitted: dict[str, dict[str, Any]] = {}
-    for category in categories:
-        if category in broken:
-            if store is not None:
-                store.fail_category(run_id, category, broken[category])
-            outer.update(method=method.name, category=category)
-            continue
-        listed = [s for s in test if s.category == category]
-        t0 = time.perf_counter()
-
-        def score(kept: list[Sample]) -> tuple[Prediction | None, np.ndarray | None]:
-            pred = _predict(method, kept, ctx)
-            if store is None:
-                return pred, None
-            key = tuple(s.mask_path for s in kept)
-            if key not in mask_memo:
-                mask_memo[key] = masks_at(kept, ctx.resolution)
-            return pred, mask_memo[key]
-
+    def record(category: str, samples: list[Sample], pred: Prediction, masks: np.ndarray,
+               normal_scores: np.ndarray | None, t0: float, skipped: list[tuple[str, str]]) -> None:
+        """Metrics and store writes of a scored category (on the writer thread); a failure is recorded."""
+        assert store is not None
         try:
-            normal_scores = _held_out_scores(method, [s for s in held if s.category == category], ctx, screen)
-            (pred, masks), samples = screen.run(score, listed)
-            if store is None:  # a non-main rank: its share was gathered to rank 0
-                continue
-            labels = np.array([s.label for s in samples])
-            maps = {"anomaly": pred.maps, "high": pred.high_maps, "low": pred.low_maps}
-            report = category_report(
-                labels, pred.scores, [s.defect for s in samples], [s.mask_path is not None for s in samples],
-                masks, pred.maps, normal_scores=normal_scores, target_fpr=request.target_fpr,
-                n_resamples=request.n_resamples, seed=category_seed(request.seed, category),
-            )
-            store.add_category(
-                run_id,
-                category,
-                metrics=report.metrics,
-                images=_images_table(samples, pred.scores),
-                maps={k: v for k, v in maps.items() if v is not None},
-                masks=masks,
-                seconds=time.perf_counter() - t0,
-                skipped=_pairs(screen.skipped(listed)),
-                details=report.details,
+            report = record_category(
+                store, run_id, category, samples, pred, masks=masks, t0=t0, normal_scores=normal_scores,
+                target_fpr=request.target_fpr, n_resamples=request.n_resamples,
+                seed=category_seed(request.seed, category), skipped=skipped,
             )
             reports[category] = report
-            fitted[category] = {k: v for k, v in report.details["thresholds"].items() if k != "oracle"}
-        except Cancelled:
-            raise
+            # The checkpoint keeps what was fitted on normals only (no test-set operating points).
+            fitted[category] = {k: {f: x for f, x in v.items() if f != "test"}
+                                for k, v in report.details["thresholds"].items() if k != "oracle"}
         except Exception as exc:  # noqa: BLE001 - recorded, the other categories go on
-            if store is not None:
-                store.fail_category(run_id, category, f"{exc!r}\n{traceback.format_exc()}",
-                                    skipped=_pairs(screen.skipped(listed)))
-        outer.update(method=method.name, category=category)
+            store.fail_category(run_id, category, f"{exc!r}\n{traceback.format_exc()}", skipped=skipped)
+
+    with BackgroundWriter() as writer:
+        for category in categories:
+            if category in broken:
+                if store is not None:
+                    store.fail_category(run_id, category, broken[category])
+                outer.update(method=method.name, category=category)
+                continue
+            listed = [s for s in test if s.category == category]
+            t0 = time.perf_counter()
+
+            def score(kept: list[Sample]) -> tuple[Prediction | None, np.ndarray | None]:
+                pred = _predict(method, kept, ctx)
+                if store is None:
+                    return pred, None
+                key = tuple(s.mask_path for s in kept)
+                if key not in mask_memo:
+                    mask_memo[key] = masks_at(kept, ctx.resolution)
+                return pred, mask_memo[key]
+
+            try:
+                normal_scores = _held_out_scores(method, [s for s in held if s.category == category], ctx, screen)
+                (pred, masks), samples = screen.run(score, listed)
+                if store is None:  # a non-main rank: its share was gathered to rank 0
+                    continue
+                # Metrics and store writes run on the writer thread while the next category is scored.
+                writer.submit(record, category, samples, pred, masks, normal_scores, t0,
+                              _pairs(screen.skipped(listed)))
+            except Cancelled:
+                raise
+            except Exception as exc:  # noqa: BLE001 - recorded, the other categories go on
+                if store is not None:
+                    store.fail_category(run_id, category, f"{exc!r}\n{traceback.format_exc()}",
+                                        skipped=_pairs(screen.skipped(listed)))
+            outer.update(method=method.name, category=category)
+        writer.drain()
     if store is not None:
         store.set_run_details(run_id, {
             "mean_intervals": mean_intervals(reports), "n_resamples": request.n_resamples,

@@ -118,6 +118,21 @@ def run_json(store: ResultStore, run_id: str) -> dict[str, Any]:
             "defects": [{k: d.get(k) for k in DEFECT_COLUMNS[1:]} for d in det.get("defects", [])],
             "thresholds": det.get("thresholds") or {},
         })
+    # Categories never recorded: failed with the run's reason (e.g. its fit failed), or pending.
+    recorded = set(metrics["category"])
+    for category in info.categories:
+        if category not in recorded:
+            results.append({
+                "method": info.method, "category": category,
+                "status": "failed" if info.status == "failed" else "pending",
+                "reason": _reason(info.error) if info.status == "failed" else None,
+                "n_images": None, "n_masked": None, "n_skipped": 0,
+                "metrics": {**{v: None for v in JSON_METRICS.values()},
+                            "image_auroc_ci": None, "pixel_auroc_ci": None, "aupro_ci": None},
+                "defects": [], "thresholds": {},
+            })
+    order = {c: i for i, c in enumerate(info.categories)}
+    results.sort(key=lambda r: order.get(r["category"], len(order)))
     ok = metrics[metrics["status"] == "ok"]
     mean: dict[str, Any] = {JSON_METRICS[k]: _num(ok[k].mean()) if len(ok) else None for k in JSON_METRICS}
     for metric, m in (run_details.get("mean_intervals") or {}).items():
@@ -172,3 +187,56 @@ def paired_test(store: ResultStore, run_a: str, run_b: str, *, pixel: bool, n_re
                                 f"{name}_diff_high": res.high, f"{name}_p": res.p_value})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _same_but_seed(requests: list[dict[str, Any] | None]) -> bool:
+    stripped = [{k: v for k, v in (r or {}).items() if k != "seed"} for r in requests]
+    return all(r == stripped[0] for r in stripped)
+
+
+def seed_summary(store: ResultStore, run_ids: list[str]) -> pd.DataFrame:
+    """Mean ± sd over runs that differ only in their seed, per category and for the mean
+    over categories: columns ``category, metric, mean, sd, n``."""
+    from harmoniad import stats
+    from harmoniad.store.schema import METRIC_COLUMNS
+
+    infos = [store.get_run(r) for r in run_ids]
+    if len(infos) < 2 or not _same_but_seed([i.request for i in infos]) \
+            or len({(i.method, i.dataset) for i in infos}) != 1:
+        raise ValueError(f"runs {run_ids} must be at least two runs of one method and dataset whose "
+                         "requests differ only in the seed")
+    tables = [store.load_metrics(r) for r in run_ids]
+    rows = []
+    categories = list(dict.fromkeys(c for t in tables for c in t["category"]))
+    for category in [*categories, "mean"]:
+        for metric in METRIC_COLUMNS:
+            values = []
+            for t in tables:
+                ok = t[t["status"] == "ok"]
+                values.append(ok[metric].mean() if category == "mean"
+                              else next(iter(ok.loc[ok["category"] == category, metric]), float("nan")))
+            try:
+                mean, sd, n = stats.mean_sd(values)
+            except ValueError:
+                continue
+            rows.append({"category": category, "metric": metric, "mean": mean, "sd": sd, "n": n})
+    return pd.DataFrame(rows, columns=["category", "metric", "mean", "sd", "n"])
+
+
+def friedman(store: ResultStore, run_ids: list[str], metric: str = "image_auroc",
+             alpha: float = 0.05) -> dict[str, Any]:
+    """Friedman test over the categories the runs share (one run per method, three or
+    more), with average ranks and Nemenyi's critical difference (for a CD diagram)."""
+    from harmoniad import stats
+
+    infos = [store.get_run(r) for r in run_ids]
+    labels = [f"{i.method} ({i.id})" for i in infos]
+    tables = [store.load_metrics(r).set_index("category") for r in run_ids]
+    categories = [c for c in tables[0].index if all(c in t.index for t in tables)]
+    scores = np.array([[t.loc[c, metric] if t.loc[c, "status"] == "ok" else np.nan for t in tables]
+                       for c in categories], dtype=float)
+    result = stats.friedman_nemenyi(scores, alpha=alpha)
+    return {"methods": labels, "metric": metric, "statistic": result.statistic, "p_value": result.p_value,
+            "average_ranks": dict(zip(labels, result.average_ranks.tolist())),
+            "critical_difference": result.critical_difference, "n_categories": result.n_datasets,
+            "cliques": [[labels[i] for i in c] for c in result.cliques]}

@@ -591,6 +591,21 @@ class ResultStore:
 
         return paired_test(self, run_a, run_b, pixel=pixel, n_resamples=n_resamples, seed=seed)
 
+    def seed_summary(self, run_ids: Sequence[str]) -> pd.DataFrame:
+        """Mean ± sd of every metric over runs that differ only in their seed (same method,
+        dataset and request otherwise): ``category`` (and ``"mean"``), ``metric``, ``mean``,
+        ``sd``, ``n``."""
+        from harmoniad.store.details import seed_summary
+
+        return seed_summary(self, list(run_ids))
+
+    def friedman(self, run_ids: Sequence[str], metric: str = "image_auroc", alpha: float = 0.05) -> dict[str, Any]:
+        """Friedman test over shared categories for three or more runs (one per method), with
+        average ranks, Nemenyi's critical difference and the cliques of a CD diagram."""
+        from harmoniad.store.details import friedman
+
+        return friedman(self, list(run_ids), metric, alpha)
+
     def metrics_table(
         self,
         *,
@@ -704,6 +719,13 @@ class ResultStore:
         from harmoniad.store.export import export_csv
 
         return export_csv(self, run_id, directory)
+
+    def export_details_csv(self, run_id: str, directory: str | os.PathLike[str]) -> list[Path]:
+        """Write the run's per-defect results, thresholds and skipped files as CSV
+        (:func:`.export.export_details_csv`)."""
+        from harmoniad.store.export import export_details_csv
+
+        return export_details_csv(self, run_id, directory)
 
     # ------------------------------------------------------------------ stale runs
     def reap_interrupted(self) -> list[str]:

@@ -114,3 +114,28 @@ def test_paired_test_of_two_stored_runs_equals_harmoniad_stats(tmp_path: Path) -
     assert got.loc["a", "image_auroc_diff"] == pytest.approx(want.difference) and want.difference > 0
     # the same maps in both runs: every paired pixel difference is 0
     assert got.loc["a", "pixel_auroc_diff"] == 0 and got.loc["a", "aupro_p"] == 1.0
+
+
+def test_seed_summary_and_friedman_over_stored_runs(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path)
+    seeds = []
+    for seed in (0, 1, 2):
+        run = new_run(store, categories=("a", "b"), request={"dataset": "synthetic", "seed": seed})
+        for category in ("a", "b"):
+            args = fake_category(category, seed=seed + 10 * (category == "b"))
+            store.add_category(run, category, **args)
+        store.finish_run(run)
+        seeds.append(run)
+    summary = store.seed_summary(seeds).set_index(["category", "metric"])
+    values = [store.load_metrics(r).set_index("category").loc["a", "image_auroc"] for r in seeds]
+    assert summary.loc[("a", "image_auroc"), "mean"] == pytest.approx(np.mean(values))
+    assert summary.loc[("a", "image_auroc"), "sd"] == pytest.approx(np.std(values, ddof=1))
+    assert summary.loc[("mean", "image_auroc"), "n"] == 3
+    other = new_run(store, categories=("a", "b"), request={"dataset": "synthetic", "seed": 0, "resolution": 64})
+    with pytest.raises(ValueError, match="differ only in the seed"):
+        store.seed_summary([seeds[0], other])
+    result = store.friedman(seeds, "image_auroc")
+    assert result["n_categories"] == 2 and len(result["average_ranks"]) == 3
+    assert sorted(result["average_ranks"].values()) == pytest.approx(sorted(
+        stats.friedman_nemenyi(np.array([[store.load_metrics(r).set_index("category").loc[c, "image_auroc"]
+                                           for r in seeds] for c in ("a", "b")])).average_ranks))

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# One-shot GPU check for issue 14 ("Scoring at the speed of the backbone"), for one H200.
+#
+#   bash benchmarks/gpu_check.sh            # from anywhere; at most 8 minutes (the step limits add up to 480 s)
+#
+# Installs nothing: it uses the Python environment as it is (torch with CUDA, open_clip and
+# harmoniad's requirements must already be installed) and runs the package from this checkout.
+# Nothing is downloaded: ViT-L-14-336 runs with random weights. It prints, in order:
+#   1. the environment: GPU, driver, torch/CUDA, free memory;
+#   2. bench_kernels.py on CUDA: low-rank vs dense frequency split (24 x 24 x 1024), and FSAM's
+#      7 x 7 window attention under the flash kernel alone (fails if it needed a mask);
+#   3. bench_end_to_end.py with ViT-L-14-336 (random, bf16), 2000 images, twice:
+#      a. MVTec-size PNGs (1024 px): decode-bound, the realistic sweep;
+#      b. backbone-size PNGs (336 px): decoding light, where the >= 1,000 images/s and
+#         ratio <= 1.2 targets are about the GPU path itself;
+#      each ends with its JSON line (images, images_per_s, backbone_images_per_s, ratio,
+#      peak_rss_mib, peak_device_mib);
+#   4. a 2-process torchrun smoke run on the one GPU (gloo, both ranks on cuda:0): evaluate
+#      HarmoniAD on a small synthetic dataset with online features, then the same with rank 1
+#      failing on purpose, which must end the job non-zero within seconds.
+# Every step has its own time limit; a failed step is reported and the next one still runs.
+# Exit status: the number of failed steps.
+
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export WORK="$(mktemp -d -t harmoniad-gpu-check-XXXXXX)"
+export HARMONIAD_CACHE="$WORK/cache" HARMONIAD_STORE="$WORK/runs"
+trap 'rm -rf "$WORK"' EXIT
+FAILED=0
+START=$(date +%s)
+
+step() {  # step <title> <time limit s> <command...>
+    local title=$1 limit=$2
+    shift 2
+    echo
+    echo "=== $title (limit ${limit}s, at +$(( $(date +%s) - START ))s)"
+    local t0=$(date +%s)
+    timeout --kill-after=3 "$limit" "$@"
+    local rc=$?
+    echo "--- $title: exit $rc after $(( $(date +%s) - t0 ))s"
+    if [ $rc -ne 0 ]; then FAILED=$((FAILED + 1)); fi
+    return 0
+}
+
+step "environment" 30 bash -c '
+    nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv || true
+    python - <<PY
+import torch, open_clip
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+assert torch.cuda.is_available(), "no CUDA device visible"
+free, total = torch.cuda.mem_get_info()
+print(torch.cuda.get_device_name(0), f"free {free / 2**30:.1f} of {total / 2**30:.1f} GiB", "open_clip", open_clip.__version__)
+print("bf16 supported:", torch.cuda.is_bf16_supported())
+PY'
+
+step "kernels: low-rank split, FSAM under flash attention" 60 \
+    python benchmarks/bench_kernels.py --device cuda --batch 64 --repeats 20
+
+step "end to end, ViT-L-14-336, 2000 MVTec-size (1024 px) files" 150 \
+    python benchmarks/bench_end_to_end.py --device cuda --model ViT-L-14-336 --images 2000 --image-size 1024 --data "$WORK/e2e-1024"
+
+step "end to end, ViT-L-14-336, 2000 backbone-size (336 px) files" 120 \
+    python benchmarks/bench_end_to_end.py --device cuda --model ViT-L-14-336 --images 2000 --image-size 336 --data "$WORK/e2e-336"
+
+step "torchrun smoke: 2 processes on one GPU (gloo), evaluate HarmoniAD" 80 bash -c '
+    set -e
+    python -c "from harmoniad.data import make_synthetic; make_synthetic(\"$WORK/synth\", categories=(\"weave\", \"flange\"), n_train=12, n_test=8, size=128)" >/dev/null
+    HARMONIAD_DIST_BACKEND=gloo python -m torch.distributed.run --nnodes 1 --nproc_per_node 2 \
+        --master_addr 127.0.0.1 --master_port 29517 -m harmoniad evaluate --dataset synthetic \
+        --root "$WORK/synth" --methods harmoniad patchcore --model ViT-L-14-336 --weights random \
+        --device cuda --resamples 100
+    python -m harmoniad runs list'
+
+step "torchrun smoke: rank 1 fails, the job must end non-zero within seconds" 40 bash -c '
+    cat > "$WORK/fail.py" <<PY
+import sys, threading, time, torch
+from harmoniad.runtime import distributed
+with distributed.session():
+    x = torch.ones(1, device=distributed.device("cuda"))
+    if distributed.rank() == 1:
+        threading.Thread(target=time.sleep, args=(600,)).start()  # a worker that would keep it alive
+        print("rank 1 fails now", time.time(), flush=True)
+        raise RuntimeError("rank 1 fails on purpose")
+    time.sleep(300)  # rank 0: long GPU work, no collective
+    distributed.barrier()
+PY
+    t0=$(date +%s)
+    HARMONIAD_DIST_BACKEND=gloo python -m torch.distributed.run --nnodes 1 --nproc_per_node 2 \
+        --master_addr 127.0.0.1 --master_port 29518 "$WORK/fail.py" && { echo "FAIL: the job exited 0"; exit 1; }
+    took=$(( $(date +%s) - t0 ))
+    echo "job ended non-zero after ${took}s (rank 0 alone would have run 300 s)"
+    [ "$took" -lt 35 ]'
+
+echo
+echo "=== gpu_check: $FAILED failed step(s), $(( $(date +%s) - START ))s in all"
+exit $FAILED
