@@ -711,24 +711,16 @@ def significance_bars(tests: pd.DataFrame, target_label: str, baseline_label: st
                 legend=False)
 
 
-def ranks_over_categories(per_category: Mapping[str, Mapping[str, float]], alpha: float = ALPHA) -> dict | None:
-    """Friedman test and Nemenyi critical difference (:func:`harmoniad.stats.friedman_nemenyi`) of
-    >= 3 methods over their shared categories, as :func:`cd_diagram` draws it; None when there
-    are fewer than 3 methods or 2 categories every method scored."""
-    from harmoniad.stats import friedman_nemenyi
-
-    labels = list(per_category)
-    if len(labels) < 3:
-        return None
-    categories = sorted(set.intersection(*(set(v) for v in per_category.values())))
-    scores = np.array([[per_category[m][c] for m in labels] for c in categories], dtype=np.float64)
-    try:
-        result = friedman_nemenyi(scores, alpha)
-    except ValueError:
-        return None
-    return {"methods": labels, "average_ranks": [float(r) for r in result.average_ranks],
-            "critical_difference": result.critical_difference, "n_datasets": result.n_datasets,
-            "cliques": [[labels[i] for i in clique] for clique in result.cliques], "p_value": result.p_value}
+def relabel_ranks(result: Mapping[str, object], names: Sequence[str]) -> dict:
+    """``ResultStore.friedman``'s result with its methods renamed to ``names`` (legend labels,
+    in the order of the run ids it was given), as :func:`cd_diagram` draws it."""
+    rename = dict(zip(result["methods"], names))  # type: ignore[arg-type]
+    ranks = result["average_ranks"]
+    return {"methods": list(names), "average_ranks": [float(ranks[m]) for m in result["methods"]],  # type: ignore
+            "critical_difference": float(result["critical_difference"]),  # type: ignore[arg-type]
+            "n_datasets": int(result["n_categories"]),  # type: ignore[call-overload]
+            "cliques": [[rename[m] for m in clique] for clique in result["cliques"]],  # type: ignore[union-attr]
+            "p_value": float(result["p_value"])}  # type: ignore[arg-type]
 
 
 def cd_diagram(result: Mapping[str, object], colours: Mapping[str, str] | None = None) -> go.Figure:

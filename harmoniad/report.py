@@ -209,11 +209,12 @@ def render_report(store: ResultStore, run_ids: Sequence[str]) -> str:
                 both = pd.concat(tests)
                 body.append(both[[c for c in columns if c in both]].to_html(
                     index=False, border=0, classes="t", float_format=lambda v: f"{v:.3g}"))
-        per_category = {}
-        for i in infos:
-            ok = metrics[i.id][(metrics[i.id]["status"] == "ok") & metrics[i.id]["image_auroc"].notna()]
-            per_category[labels[i.id]] = dict(zip(ok["category"], ok["image_auroc"]))
-        ranks = charts.ranks_over_categories(per_category)
+        ranks = None
+        if len(infos) >= 3:
+            try:
+                ranks = charts.relabel_ranks(store.friedman([i.id for i in infos]), [labels[i.id] for i in infos])
+            except ValueError:  # fewer than two categories every run scored
+                ranks = None
         if ranks is not None:
             body.append("<h2>Critical-difference diagram</h2><p class='note'>Image AUROC ranks over categories.</p>"
                         + _figure(charts.cd_diagram(ranks, colours), first))

@@ -202,12 +202,12 @@ def _statistics_section(infos: dict[str, RunInfo], labels: dict[str, str], colou
         n_sig = int((tests["delong_p"] < charts.ALPHA).sum()) if "delong_p" in tests else 0
         st.caption(f"★ marks categories where DeLong's paired test on the images both runs scored finds the image "
                    f"AUROCs different at the 5% level ({n_sig} of {len(tests)}); no multiple-testing correction.")
-    per_category = {}
-    for rid, info in infos.items():
-        metrics = state.run_metrics(info)
-        ok = metrics[(metrics["status"] == "ok") & metrics[metric].notna()]
-        per_category[labels[rid]] = dict(zip(ok["category"], ok[metric]))
-    ranks = charts.ranks_over_categories(per_category)
+    ranks = None
+    if len(ids) >= 3:
+        try:
+            ranks = charts.relabel_ranks(state.get_store().friedman(ids, metric), [labels[r] for r in ids])
+        except ValueError:  # fewer than two categories every run scored
+            ranks = None
     if ranks is not None:
         st.plotly_chart(charts.cd_diagram(ranks, colours), key="compare_cd")
         st.caption(f"Average rank of {charts.METRIC_LABELS[metric]} over {ranks['n_datasets']} categories (Friedman "

@@ -304,15 +304,17 @@ def test_significance_stars_follow_the_p_values() -> None:
     assert list(fig.data[0].text) == ["★ +20.0", "-5.0"]
 
 
-def test_ranks_and_cd_diagram() -> None:
-    per = {"A": {"x": 0.9, "y": 0.8, "z": 0.95, "w": 0.9}, "B": {"x": 0.7, "y": 0.6, "z": 0.7, "w": 0.6},
-           "C": {"x": 0.8, "y": 0.7, "z": 0.8, "w": 0.8}}
-    ranks = charts.ranks_over_categories(per)
-    assert ranks is not None and ranks["average_ranks"] == [1.0, 3.0, 2.0] and ranks["n_datasets"] == 4
-    assert charts.ranks_over_categories({"A": per["A"], "B": per["B"]}) is None
+def test_cd_diagram_from_the_stores_friedman_result() -> None:
+    result = {"methods": ["harmoniad (r1)", "patchcore (r2)", "freqfilter (r3)"], "p_value": 0.02,
+              "average_ranks": {"harmoniad (r1)": 1.0, "patchcore (r2)": 3.0, "freqfilter (r3)": 2.0},
+              "critical_difference": 1.66, "n_categories": 4, "cliques": [["freqfilter (r3)", "patchcore (r2)"]]}
+    ranks = charts.relabel_ranks(result, ["A", "B", "C"])
+    assert ranks["average_ranks"] == [1.0, 3.0, 2.0] and ranks["cliques"] == [["C", "B"]] and ranks["n_datasets"] == 4
     fig = charts.cd_diagram(ranks)
     texts = [a.text for a in fig.layout.annotations]
-    assert "A (1.00)" in texts and any(t.startswith("CD = ") for t in texts)
+    assert "A (1.00)" in texts and "CD = 1.66" in texts
+    bars = [t for t in fig.data if t.line.width == 5]  # the clique bar spans C..B
+    assert len(bars) == 1 and list(bars[0].x) == [2.0, 3.0]
 
 
 def test_every_chart_puts_its_legend_below_the_plot() -> None:
