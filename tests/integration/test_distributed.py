@@ -9,6 +9,7 @@ metrics) must agree to float tolerance.
 from __future__ import annotations
 
 import json
+import threading
 import os
 import socket
 import subprocess
@@ -145,10 +146,10 @@ def _scenario(data: Path, work: Path) -> dict | None:
     losses: list[tuple[int, float]] = []  # (step, loss of the global batch), rank 0 only
     train(source, TINY_BACKBONE, model_cfg, train_cfg, work / "ckpt", device="cpu",
           progress=lambda e: losses.append((e.done, e.info["loss"])) if e.task == "train" else None)
-    loaded = distributed.all_gather_object(sum(len(batch) for batch in source.calls[1:]))  # [0]: shape probe
+    loaded = distributed.all_gather_object(sum(len(batch) for batch in source.calls))
     # Every rank dies while loading step 5's batch; rank 0 saved the state after step 3.
     resumed = work / "resumed"
-    dying = _CountingSource(CacheSource(cache, [s.image_path for s in normal]), die_at_call=1 + 4 + 1)
+    dying = _CountingSource(CacheSource(cache, [s.image_path for s in normal]), die_at_step=5)
     try:
         train(dying, TINY_BACKBONE, model_cfg, train_cfg, resumed, device="cpu")
     except _Killed:
@@ -180,7 +181,7 @@ def _scenario(data: Path, work: Path) -> dict | None:
         "again": again,
         "run_ids": run_ids,
         "state_step": state_step,
-        "resumed_steps": len(rerun.calls) - 1,
+        "resumed_steps": len(rerun.calls),
         "state_left": (resumed / STATE_FILE).exists(),
     }
 
@@ -190,24 +191,27 @@ class _Killed(Exception):
 
 
 class _CountingSource:
-    """A training feature source that records what each call loads (this rank's share).
+    """A training feature source that records what each training step loads (this rank's share).
 
-    With ``die_at_call``, that call raises :class:`_Killed` instead (the first call is the
-    shape probe, then one per step).
+    Step batches are the loads made on the training loader thread; the shape probe and the
+    whole-data passes (target normalisation before training, fusion statistics after) run on
+    the calling thread and are not counted. With ``die_at_step``, loading that step's batch
+    (1-based) raises :class:`_Killed` instead.
     """
 
-    def __init__(self, inner, die_at_call: int | None = None) -> None:
+    def __init__(self, inner, die_at_step: int | None = None) -> None:
         self.inner = inner
-        self.die_at_call = die_at_call
+        self.die_at_step = die_at_step
         self.calls: list[list[int]] = []
 
     def __len__(self) -> int:
         return len(self.inner)
 
     def load(self, indices):
-        self.calls.append(list(indices))
-        if len(self.calls) == self.die_at_call:
-            raise _Killed
+        if threading.current_thread().name.startswith("harmoniad-train-loader"):
+            self.calls.append(list(indices))
+            if len(self.calls) == self.die_at_step:
+                raise _Killed
         return self.inner.load(indices)
 
     def describe(self) -> dict:
@@ -273,9 +277,13 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
     w1, w2 = load_file(str(one / "ckpt" / "model.safetensors")), load_file(str(two / "ckpt" / "model.safetensors"))
     w_resumed = load_file(str(two / "resumed" / "model.safetensors"))
     assert w1.keys() == w2.keys() == w_resumed.keys()
+    # atol 5e-5: attention key biases get a gradient that is zero up to rounding (softmax ignores
+    # them), and AdamW turns that rounding noise into steps of up to ~1e-5 that differ between
+    # the all-reduced and the single-process sums (measured 1.3e-5 on weights of size ~0.2); the
+    # tolerance stays far below one AdamW step (about lr = 3e-3 per weight).
     for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=f"DDP weights differ at {k}")
-        torch.testing.assert_close(w_resumed[k], w1[k], rtol=1e-4, atol=1e-5, msg=f"resumed weights differ at {k}")
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=5e-5, msg=f"DDP weights differ at {k}")
+        torch.testing.assert_close(w_resumed[k], w1[k], rtol=1e-4, atol=5e-5, msg=f"resumed weights differ at {k}")
     r1 = json.loads((one / "ckpt" / "config.json").read_text())["result"]
     r2 = json.loads((two / "ckpt" / "config.json").read_text())["result"]
     assert r2["final_loss"] == pytest.approx(r1["final_loss"], rel=1e-4)
