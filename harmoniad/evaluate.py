@@ -129,8 +129,8 @@ def evaluate(
             seed=request.seed,
             progress=_nested(report, name),
         )
-        if store is None:  # a non-main rank: its share of the work goes to rank 0's run
-            _run_method(method, ctx, "", None, train, test, categories, outer,
+        if not main:  # a non-main rank: its share of the work goes to rank 0's run
+            _run_method(method, ctx, ComputeOnly(), train, test, categories, outer,
                         screen=screen, broken=loaded.broken, mask_memo=mask_memo)
             continue
         run_id = store.create_run(
@@ -145,7 +145,7 @@ def evaluate(
         )
         run_ids.append(run_id)
         try:
-            _run_method(method, ctx, run_id, store, train, test, categories, outer,
+            _run_method(method, ctx, RunRecorder(store, run_id), train, test, categories, outer,
                         screen=screen, broken=loaded.broken, mask_memo=mask_memo)
         except BaseException as exc:
             # Cancelled, KeyboardInterrupt or a bug: the run must never be left "running"
@@ -156,11 +156,59 @@ def evaluate(
     return distributed.broadcast_object(run_ids)
 
 
+class RunRecorder:
+    """Where one method's results go on the process that records them (rank 0, or the only one)."""
+
+    records = True
+
+    def __init__(self, store: ResultStore, run_id: str) -> None:
+        self.store = store
+        self.run_id = run_id
+
+    def add_skipped(self, files: Sequence[SkippedFile], split: str) -> None:
+        self.store.add_skipped(self.run_id, [(f.category, f.path, f.reason) for f in files], split=split)
+
+    def fail_run(self, error: str) -> None:
+        self.store.fail_run(self.run_id, error)
+
+    def fail_category(self, category: str, error: str, skipped: Sequence[SkippedFile] = ()) -> None:
+        self.store.fail_category(self.run_id, category, error, skipped=_pairs(skipped))
+
+    def add_category(self, category: str, **results: Any) -> None:
+        self.store.add_category(self.run_id, category, **results)
+
+    def finish_run(self) -> None:
+        self.store.finish_run(self.run_id)
+
+
+class ComputeOnly(RunRecorder):
+    """The recorder of a non-main torchrun rank: it computes its share, rank 0 records everything."""
+
+    records = False
+
+    def __init__(self) -> None:  # noqa: D107 - no store on this rank
+        pass
+
+    def add_skipped(self, files: Sequence[SkippedFile], split: str) -> None:
+        pass
+
+    def fail_run(self, error: str) -> None:
+        pass
+
+    def fail_category(self, category: str, error: str, skipped: Sequence[SkippedFile] = ()) -> None:
+        pass
+
+    def add_category(self, category: str, **results: Any) -> None:
+        pass
+
+    def finish_run(self) -> None:
+        pass
+
+
 def _run_method(
     method: Method,
     ctx: Context,
-    run_id: str,
-    store: ResultStore | None,
+    recorder: RunRecorder,
     train: list[Sample],
     test: list[Sample],
     categories: list[str],
@@ -177,9 +225,9 @@ def _run_method(
     ``mask_memo`` memoises ground-truth masks by the kept samples' mask paths, shared by methods
     (normal images have no mask path; equal keys then mean equal all-zero masks).
 
-    ``store`` is None on the non-main ranks of a torchrun job: they fit and predict their
-    share, rank 0 records everything. Every rank takes the same branches (failures are
-    agreed on collectively), so none waits forever at a collective.
+    On the non-main ranks of a torchrun job ``recorder`` is :class:`ComputeOnly`: they fit
+    and predict their share, rank 0 records everything. Every rank takes the same branches
+    (failures are agreed on collectively), so none waits forever at a collective.
     """
     try:
         error = None
@@ -190,20 +238,17 @@ def _run_method(
         except Exception as exc:  # noqa: BLE001 - agreed on below, then recorded
             error = f"{exc!r}\n{traceback.format_exc()}"
         error = _first_error(error)
-        if store is not None:
-            store.add_skipped(run_id, [(f.category, f.path, f.reason) for f in screen.skipped(train)], split="train")
+        recorder.add_skipped(screen.skipped(train), split="train")
         if error is not None:
             raise _FitFailed(error)
     except _FitFailed as failed:  # recorded, the next method goes on
-        if store is not None:
-            store.fail_run(run_id, f"fit failed: {failed}")
+        recorder.fail_run(f"fit failed: {failed}")
         outer.update(len(categories) + 1, method=method.name)
         return
     outer.update(method=method.name, step="fit")
     for category in categories:
         if category in broken:
-            if store is not None:
-                store.fail_category(run_id, category, broken[category])
+            recorder.fail_category(category, broken[category])
             outer.update(method=method.name, category=category)
             continue
         listed = [s for s in test if s.category == category]
@@ -211,7 +256,7 @@ def _run_method(
 
         def score(kept: list[Sample]) -> tuple[Prediction | None, np.ndarray | None]:
             pred = _predict(method, kept, ctx)
-            if store is None:
+            if not recorder.records:
                 return pred, None
             key = tuple(s.mask_path for s in kept)
             if key not in mask_memo:
@@ -220,12 +265,11 @@ def _run_method(
 
         try:
             (pred, masks), samples = screen.run(score, listed)
-            if store is None:  # a non-main rank: its share was gathered to rank 0
+            if not recorder.records:  # a non-main rank: its share was gathered to rank 0
                 continue
             labels = np.array([s.label for s in samples])
             maps = {"anomaly": pred.maps, "high": pred.high_maps, "low": pred.low_maps}
-            store.add_category(
-                run_id,
+            recorder.add_category(
                 category,
                 metrics=category_metrics(labels, pred, masks),
                 images=_images_table(samples, pred.scores),
@@ -237,12 +281,9 @@ def _run_method(
         except Cancelled:
             raise
         except Exception as exc:  # noqa: BLE001 - recorded, the other categories go on
-            if store is not None:
-                store.fail_category(run_id, category, f"{exc!r}\n{traceback.format_exc()}",
-                                    skipped=_pairs(screen.skipped(listed)))
+            recorder.fail_category(category, f"{exc!r}\n{traceback.format_exc()}", screen.skipped(listed))
         outer.update(method=method.name, category=category)
-    if store is not None:
-        store.finish_run(run_id)
+    recorder.finish_run()
 
 
 def _pairs(files: Sequence[SkippedFile]) -> list[tuple[str, str]]:

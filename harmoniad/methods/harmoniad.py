@@ -16,21 +16,21 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 
 from harmoniad.backbone import Backbone, BackboneConfig
 from harmoniad.backbone.cache import FeatureCache
+from harmoniad.backbone.sources import FeatureSource, source_for
 from harmoniad.data import Sample
-from harmoniad.data.loading import batch_len, decoded_batches, default_workers
 from harmoniad.maps import FinalMaps, Prediction, ScoreConfig, finalize_maps, prediction_from
 from harmoniad.methods.base import Context, Method
 from harmoniad.model import HarmoniAD, ModelConfig
-from harmoniad.runtime.device import AdaptiveBatch, autocast, maybe_compile, resolve_device
+from harmoniad.runtime.device import autocast, maybe_compile, resolve_device
 from harmoniad.runtime.paths import cache_dir
-from harmoniad.runtime.progress import Progress, ProgressFn, silent
+from harmoniad.runtime.progress import Progress, ProgressFn
 from harmoniad.runtime.serialization import to_dict
 from harmoniad.train import CheckpointInfo, TrainConfig, load_checkpoint, train
 
@@ -61,8 +61,6 @@ class Scorer:
         self.batch_size = batch_size
         #: What the forward pass runs through: the model, or its ``torch.compile`` wrapper (``cfg.compile``).
         self.net = maybe_compile(self.model, cfg.compile)
-        # Images per forward pass of a live backbone; halves itself on CUDA out-of-memory.
-        self._chunks = AdaptiveBatch(batch_size)
         #: The checkpoint's settings when built by :meth:`from_checkpoint`.
         self.info: CheckpointInfo | None = None
         if features is not None:
@@ -95,10 +93,7 @@ class Scorer:
         return scorer
 
     def _check_shapes(self, features: FeatureCache | Backbone) -> None:
-        if isinstance(features, FeatureCache):
-            shapes = features.feature_shapes
-        else:
-            shapes = [(features.embed_dim, *features.grid)] * features.num_layers
+        shapes = features.feature_shapes
         want = self.model.in_dim, self.model.num_layers
         if len(shapes) != want[1] or any(s[0] != want[0] for s in shapes):
             raise ValueError(
@@ -130,33 +125,23 @@ class Scorer:
             meter.update(len(batch))
         return prediction_from(parts)
 
+    def score_source(self, source: FeatureSource, progress: ProgressFn | None = None) -> Prediction:
+        """Every image of ``source``, in order -> Prediction (maps moved to the host per batch)."""
+        meter = Progress("score", len(source), progress)
+        parts = []
+        for feats in source.batches(self.batch_size):
+            parts.append(self.score_features(feats))
+            meter.update(int(feats[0].shape[0]))
+        return prediction_from(parts)
+
     def score_paths(self, paths: Sequence[str | Path], progress: ProgressFn | None = None) -> Prediction:
         """Image files -> Prediction, in ``paths`` order, a batch at a time."""
         if not paths:
             raise ValueError("Scorer.score_paths: no images to score")
         if self.features is None:
             raise ValueError("Scorer has no backbone or feature cache; use score_features")
-        if isinstance(self.features, FeatureCache):
-            # Extract every missing feature first, in full batches and with its own progress.
-            self.features.ensure(paths, progress=progress)
-        meter = Progress("score", len(paths), progress)
-        parts = []
-        if isinstance(self.features, FeatureCache):
-            for start in range(0, len(paths), self.batch_size):
-                batch = [Path(p) for p in paths[start : start + self.batch_size]]
-                parts.append(self.score_features(self.features.load(batch, progress=silent)))
-                meter.update(len(batch))
-            return prediction_from(parts)
-        # A live backbone: images decoded ahead (worker processes + pinned memory on CUDA).
-        backbone = self.features
-        on_cuda = self.device.type == "cuda"
-        for images in decoded_batches(
-            paths, self.batch_size, workers=default_workers(self.device), processes=on_cuda, pin_memory=on_cuda
-        ):
-            n = batch_len(images)
-            parts.extend(self._chunks.run(n, lambda a, b, x=images: self.score_tensor(backbone.preprocess(x[a:b]))))
-            meter.update(n)
-        return prediction_from(parts)
+        # A cache extracts every missing feature first, in full batches and with its own progress.
+        return self.score_source(source_for(self.features, paths, progress), progress)
 
     def score_samples(self, samples: Sequence[Any], progress: ProgressFn | None = None) -> Prediction:
         """``Sample`` records -> Prediction, in order."""
@@ -173,7 +158,7 @@ class Scorer:
 class HarmoniADMethod(Method):
     """The frequency-guided dual-branch detector, trained jointly on all chosen categories."""
 
-    name: ClassVar[str] = "harmoniad"
+    name = "harmoniad"
 
     def __init__(
         self,
@@ -186,7 +171,7 @@ class HarmoniADMethod(Method):
         self.model_cfg = model or ModelConfig()
         self.train_cfg = training or TrainConfig()
         self.score_cfg = scoring or ScoreConfig()
-        self.run_name = name
+        self.name = name  # an ablation's own name, in progress, runs and checkpoint folders
         self.checkpoint: Path | None = None
         self._scorer: Scorer | None = None
 
@@ -208,7 +193,7 @@ class HarmoniADMethod(Method):
         }
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
         root = Path(ctx.cache_root) if ctx.cache_root is not None else cache_dir()
-        return root / "checkpoints" / f"{self.run_name}-{digest}"
+        return root / "checkpoints" / f"{self.name}-{digest}"
 
     def fit(self, train_samples: list[Sample], ctx: Context) -> None:
         if ctx.backbone is None:
