@@ -4,7 +4,7 @@ Builds a synthetic store (no model involved): one HarmoniAD run with anomaly, hi
 maps and one baseline run with anomaly maps only, each of ``--images`` test images at
 ``--resolution`` over four categories, then renders the pages through Streamlit's AppTest
 and prints the time of the first render (cold caches) and of later renders and
-interactions (warm caches). Target (DESIGN section 6): under 1 s after the first load.
+interactions (warm caches). Target (docs/design.md#dashboard): under 1 s after the first load.
 
     python benchmarks/bench_analysis_pages.py [--images 2000] [--resolution 256] [--keep DIR]
 """

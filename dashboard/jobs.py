@@ -23,7 +23,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import streamlit as st
 
@@ -119,27 +119,6 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-class _TrackingStore(ResultStore):
-    """A ResultStore that tells its job which runs the work opened and closed."""
-
-    def __init__(self, root: Path, job: Job) -> None:
-        super().__init__(root)
-        self._job = job
-
-    def create_run(self, **kwargs: Any) -> str:
-        run_id = super().create_run(**kwargs)
-        self._job._opened(run_id)
-        return run_id
-
-    def finish_run(self, run_id: str) -> None:
-        super().finish_run(run_id)
-        self._job._closed(run_id)
-
-    def fail_run(self, run_id: str, error: str) -> None:
-        super().fail_run(run_id, error)
-        self._job._closed(run_id)
-
-
 class Job:
     """One piece of long work in a daemon thread, observable through :meth:`snapshot`."""
 
@@ -229,20 +208,20 @@ class Job:
         if event.done != before or self._unit_started is None:
             self._unit_started = now
 
-    def _opened(self, run_id: str) -> None:
+    def run_status(self, run_id: str, status: str) -> None:
+        """The job's store observer (``ResultStore(on_status=...)``): which runs the work opened and closed."""
         with self._lock:
-            self._run_ids.append(run_id)
-
-    def _closed(self, run_id: str) -> None:
-        with self._lock:
-            self._closed_runs.append(run_id)
+            if status == "running":
+                self._run_ids.append(run_id)
+            elif run_id not in self._closed_runs:
+                self._closed_runs.append(run_id)
 
     def _main(self) -> None:
         state: JobState = "done"
         error = message = None
-        store: _TrackingStore | None = None
+        store: ResultStore | None = None
         try:
-            store = _TrackingStore(self.store_root, self)
+            store = ResultStore(self.store_root, on_status=self.run_status)
             message = self._work(store, self._progress)
         except Cancelled:
             state = "cancelled"

@@ -18,10 +18,35 @@ from typing import NoReturn
 
 import streamlit as st
 
+# Page names (also their URL paths), in menu order. Pages link to each other by these.
+OVERVIEW = "overview"
+RUN = "run"
+COMPARE = "compare"
+INSPECT = "inspect"
+FAILURES = "failures"
+EXPORT = "export"
+
+# Keys shared by several modules: the URL query and ``st.session_state``.
+#: URL query parameter holding the selected run id (``?run=<id>``).
+RUN_QUERY = "run"
+#: Session key of the app-wide selected run id.
+RUN_KEY = "run_id"
+#: Session key of the app-wide selected image (a run-wide image index).
+IMAGE_KEY = "image_index"
+#: Session key of Inspect's memory of the image it last showed (run id, image index, path);
+#: Failure cases clears it so Inspect opens exactly the clicked image.
+INSPECT_SHOWN_KEY = "inspect_shown"
+#: Session key of the defect type chosen on Overview/Compare; Inspect and Failure cases filter by it.
+DEFECT_KEY = "defect_filter"
+#: Session key of the chosen image-threshold rule (see ``dashboard.thresholds``).
+THRESHOLD_RULE_KEY = "threshold_rule"
+#: Session key of the target false-positive rate of the "target FPR" threshold rule.
+TARGET_FPR_KEY = "threshold_target_fpr"
+
 #: The top-level ``pages/`` folder (beside ``dashboard/``, not inside it, so Streamlit's
 #: automatic ``pages/`` discovery never kicks in; ``st.navigation`` is the only router).
 PAGES_DIR = Path(__file__).resolve().parent.parent / "pages"
-DEFAULT_PAGE = "overview"
+DEFAULT_PAGE = OVERVIEW
 
 
 @dataclass(frozen=True)
@@ -44,12 +69,12 @@ class PageDef:
 
 
 PAGES: tuple[PageDef, ...] = (
-    PageDef("overview", "Overview", ":material/leaderboard:", "overview.py"),
-    PageDef("run", "Run", ":material/play_circle:", "run.py"),
-    PageDef("compare", "Compare", ":material/bar_chart:", "compare.py"),
-    PageDef("inspect", "Inspect", ":material/image_search:", "inspect.py"),
-    PageDef("failures", "Failure cases", ":material/report:", "failures.py"),
-    PageDef("export", "Export", ":material/download:", "export.py"),
+    PageDef(OVERVIEW, "Overview", ":material/leaderboard:", "overview.py"),
+    PageDef(RUN, "Run", ":material/play_circle:", "run.py"),
+    PageDef(COMPARE, "Compare", ":material/bar_chart:", "compare.py"),
+    PageDef(INSPECT, "Inspect", ":material/image_search:", "inspect.py"),
+    PageDef(FAILURES, "Failure cases", ":material/report:", "failures.py"),
+    PageDef(EXPORT, "Export", ":material/download:", "export.py"),
 )
 _BY_NAME = {p.name: p for p in PAGES}
 
@@ -74,8 +99,8 @@ def all_pages() -> list[st.Page]:
 
 
 def _run_query() -> dict[str, str]:
-    run_id = st.session_state.get("run_id") or st.query_params.get("run")
-    return {"run": str(run_id)} if run_id else {}
+    run_id = st.session_state.get(RUN_KEY) or st.query_params.get(RUN_QUERY)
+    return {RUN_QUERY: str(run_id)} if run_id else {}
 
 
 def switch_to(name: str) -> NoReturn:

@@ -16,8 +16,8 @@ from dashboard import nav
 from harmoniad.runtime.paths import store_dir
 from harmoniad.store import ResultStore, RunDataMissing, RunInfo, RunNotFound
 
-RUN_KEY = "run_id"
-IMAGE_KEY = "image_index"
+RUN_KEY = nav.RUN_KEY
+IMAGE_KEY = nav.IMAGE_KEY
 #: What to do when a run's files are gone (shown by every page that reads them).
 MISSING_FILES_HELP = ("Its files were deleted or moved. Delete the run on the Overview page and evaluate again, "
                       "or restore the store folder.")
@@ -90,16 +90,16 @@ def list_runs(**filters: object) -> pd.DataFrame:
 
 def selected_run_id() -> str | None:
     """The run chosen anywhere in the app (session first, then the URL)."""
-    run_id = st.session_state.get(RUN_KEY) or st.query_params.get("run")
+    run_id = st.session_state.get(RUN_KEY) or st.query_params.get(nav.RUN_QUERY)
     return str(run_id) if run_id else None
 
 
 def select_run(run_id: str | None) -> None:
     st.session_state[RUN_KEY] = run_id
     if run_id:
-        st.query_params["run"] = run_id
-    elif "run" in st.query_params:
-        del st.query_params["run"]
+        st.query_params[nav.RUN_QUERY] = run_id
+    elif nav.RUN_QUERY in st.query_params:
+        del st.query_params[nav.RUN_QUERY]
 
 
 def select_image(image_index: int | None) -> None:
@@ -160,7 +160,7 @@ def pick_run_with_images(key: str) -> tuple[RunInfo, pd.DataFrame] | None:
     """
     info = run_picker("Run", key=key)
     if info is None:
-        nav.link("run", "Go to the Run page")
+        nav.link(nav.RUN, "Go to the Run page")
         return None
     weights_banner(info)
     images = readable_run_images(info)

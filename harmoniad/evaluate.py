@@ -62,7 +62,7 @@ def masks_at(samples: Sequence[Sample], resolution: int) -> np.ndarray:
 
 
 def category_metrics(labels: np.ndarray, pred: Prediction, masks: np.ndarray) -> dict[str, float]:
-    """Image- and pixel-level metrics of one category (DESIGN section 4).
+    """Image- and pixel-level metrics of one category (docs/design.md#metrics).
 
     A metric that is undefined for this category (a test set with one label only, or no
     anomalous pixel) is NaN, so a mean over categories skips it instead of inventing it.

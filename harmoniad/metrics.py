@@ -1,4 +1,4 @@
-"""Exact image- and pixel-level anomaly detection metrics (DESIGN section 4).
+"""Exact image- and pixel-level anomaly detection metrics (docs/design.md#evaluation-protocol).
 
 Every curve here is exact: one point per distinct score, equal scores grouped into one
 threshold (ties are handled as scikit-learn handles them), no threshold grid. All metrics come

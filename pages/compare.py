@@ -21,7 +21,7 @@ ABLATION_METHODS = ("harmoniad", *(name for name, spec in METHODS.items() if spe
 
 def _no_runs() -> None:
     st.info("No complete runs yet. Start one on the **Run** page (the synthetic demo needs no download).")
-    nav.link("run", "Go to the Run page")
+    nav.link(nav.RUN, "Go to the Run page")
 
 
 def _infos(ids: list[str]) -> dict[str, RunInfo]:

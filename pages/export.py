@@ -92,7 +92,7 @@ def main() -> None:
     info = state.current_run()
     if info is None:
         st.info("No run selected. Pick one in the sidebar, or start one on the Run page.")
-        nav.link("run", "Go to the Run page")
+        nav.link(nav.RUN, "Go to the Run page")
         return
     state.weights_banner(info)
     st.markdown(f"Run **{charts.method_label(info.method)}** on **{info.dataset}** · `{info.id}` · {info.status}")

@@ -18,8 +18,6 @@ from harmoniad.visualize import heatmap_rgb, overlay
 
 THUMB = 160
 PER_ROW = 4
-#: Inspect's memory of the image it last showed; cleared so Inspect opens exactly the clicked image.
-INSPECT_SHOWN_KEY = "inspect_shown"
 
 
 @st.cache_data(show_spinner=False, max_entries=512)
@@ -31,8 +29,8 @@ def _thumbnail(path: str, size: int) -> np.ndarray:
 def _open_in_inspect(info: RunInfo, image_index: int) -> None:
     state.select_run(info.id)
     state.select_image(image_index)
-    st.session_state.pop(INSPECT_SHOWN_KEY, None)
-    nav.switch_to("inspect")
+    st.session_state.pop(nav.INSPECT_SHOWN_KEY, None)
+    nav.switch_to(nav.INSPECT)
 
 
 def _maps(info: RunInfo, rows: pd.DataFrame) -> dict[int, dict]:

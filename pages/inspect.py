@@ -13,7 +13,7 @@ import pandas as pd
 import streamlit as st
 from streamlit.delta_generator import DeltaGenerator
 
-from dashboard import charts, state
+from dashboard import charts, nav, state
 from harmoniad.data import DatasetError, read_image
 from harmoniad.store import RunDataMissing, RunInfo
 from harmoniad.visualize import heatmap_rgb, overlay
@@ -22,7 +22,7 @@ from harmoniad.visualize import heatmap_rgb, overlay
 SAMPLE_DEFECTIVE = 16
 SAMPLE_NORMAL = 8
 #: (run id, image index, image path) of the image last shown, to keep the same file across runs.
-SHOWN_KEY = "inspect_shown"
+SHOWN_KEY = nav.INSPECT_SHOWN_KEY
 CATEGORY_KEY = "inspect_category"
 IMAGE_KEY = "inspect_image"
 FILTER_KEY = "inspect_filter"

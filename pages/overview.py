@@ -254,7 +254,7 @@ def main() -> None:
         st.info("No runs in the results store yet. Start an evaluation on the **Run** page, or run the offline "
                 "demo (synthetic data, tiny random-weights backbone, no download).")
         bootstrap.demo_button(state.get_store(), key="ov_demo")
-        nav.link("run", "Go to the Run page")
+        nav.link(nav.RUN, "Go to the Run page")
         return
     state.weights_banner(runs[runs["status"] == "complete"])
     _runs_section(runs)

@@ -32,7 +32,7 @@ from harmoniad.data import (
     load_dataset,
 )
 from harmoniad.evaluate import EvalRequest
-from harmoniad.methods import METHODS, build_method
+from harmoniad.methods import DEFAULT_METHODS, METHODS, build_method
 from harmoniad.runtime.paths import cache_dir
 
 JOB_KEY = "run_job_id"
@@ -44,7 +44,6 @@ DATASET_LABELS = {
     "synthetic": "Synthetic (generated, no download)",
 }
 KIND_LABELS = {"ablation": "ablation", "baseline": "baseline"}  # HarmoniAD itself needs no tag
-DEFAULT_METHODS = ("harmoniad", "patchcore", "freqfilter")
 
 
 @dataclass(frozen=True)
@@ -266,11 +265,11 @@ def _job_section() -> None:
         st.caption("Open the results:")
         c1, c2, c3 = st.columns(3)
         with c1:
-            nav.link("overview")
+            nav.link(nav.OVERVIEW)
         with c2:
-            nav.link("compare")
+            nav.link(nav.COMPARE)
         with c3:
-            nav.link("inspect")
+            nav.link(nav.INSPECT)
     if st.button("Clear", key="run_job_clear"):
         st.session_state.pop(JOB_KEY, None)
         st.rerun()
@@ -330,7 +329,7 @@ def _cached_runs() -> None:
         st.dataframe(pd.DataFrame([means]).style.format("{:.1f}", na_rep="–"), hide_index=True, width="stretch")
         st.caption("Means over the run's categories, in percent.")
     c1, c2, c3, c4 = st.columns(4)
-    for column, name in zip((c1, c2, c3, c4), ("compare", "inspect", "failures", "export")):
+    for column, name in zip((c1, c2, c3, c4), (nav.COMPARE, nav.INSPECT, nav.FAILURES, nav.EXPORT)):
         with column:
             nav.link(name)
     st.divider()

@@ -1,4 +1,4 @@
-"""The frozen CLIP image encoder whose patch tokens every method reads (DESIGN sections 2 and 7).
+"""The frozen CLIP image encoder whose patch tokens every method reads (docs/design.md#backbone).
 
 A :class:`BackboneConfig` names an open_clip ViT, its weights and the blocks to tap. It is
 resolved into a :class:`BackboneSpec` *without building the model* (shapes, weights identity,

@@ -4,8 +4,8 @@ A memory bank of normal patch embeddings, thinned by greedy k-center coreset sel
 scores a test patch by its distance to the nearest bank entry. It is the strongest simple
 baseline on MVTec and, run on the very same frozen features as HarmoniAD, it tells how
 much the reconstruction model adds. Two modes: one bank per category (the paper's
-setting) and one bank for all categories (the unified multi-class setting of DESIGN
-section 2, where a bank cannot know which category an image is from).
+setting) and one bank for all categories (the unified multi-class setting of docs/design.md#setting,
+where a bank cannot know which category an image is from).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """FSAM, the fine-grained structural attention module of the high-frequency branch.
 
-DESIGN section 2, step 3: on ``F_high`` it sharpens textures and edges, which is where
+docs/design.md#fsam: on ``F_high`` it sharpens textures and edges, which is where
 small structural defects (scratches, cracks, pin holes) live. Each block has three parts,
 chosen for that job:
 
@@ -22,11 +22,43 @@ from torch import nn
 from harmoniad.model.layers import DepthwiseConv, Mlp
 
 
-class WindowAttention(nn.Module):
-    """Multi-head self-attention inside non-overlapping ``window x window`` tiles.
+def _window_starts(n: int, window: int) -> list[int]:
+    """Starts of full windows covering ``0..n-1``: every ``window`` steps, the last one flush with the end."""
+    starts = list(range(0, n - window + 1, window))
+    if starts[-1] + window < n:
+        starts.append(n - window)
+    return starts
 
-    Grids that are not a multiple of the window are zero-padded and the padded keys are
-    masked out, so any grid size works; a window larger than the grid shrinks to it.
+
+def window_indices(grid: tuple[int, int], window: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gather, scatter)`` token indices of the windows of ``grid``.
+
+    ``gather`` (``windows x window_len``): the row-major token index of each window slot.
+    ``scatter`` (``h * w``): for each token, the flat ``window * window_len + slot`` its
+    output is read from (its own window: the one it falls in by ``position // window``).
+    """
+    h, w = grid
+    wh, ww = min(window, h), min(window, w)
+    rows, cols = _window_starts(h, wh), _window_starts(w, ww)
+    r = torch.tensor(rows).view(-1, 1, 1, 1) + torch.arange(wh).view(1, 1, -1, 1)
+    c = torch.tensor(cols).view(1, -1, 1, 1) + torch.arange(ww).view(1, 1, 1, -1)
+    gather = (r * w + c).reshape(len(rows) * len(cols), wh * ww)
+    y, x = torch.arange(h).view(-1, 1), torch.arange(w).view(1, -1)
+    jy, jx = (y // wh).clamp(max=len(rows) - 1), (x // ww).clamp(max=len(cols) - 1)
+    slot = (y - torch.tensor(rows)[jy]) * ww + (x - torch.tensor(cols)[jx])
+    scatter = ((jy * len(cols) + jx) * (wh * ww) + slot).reshape(h * w)
+    return gather.to(device), scatter.to(device)
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside ``window x window`` tiles of the grid.
+
+    Every tile is full: where the grid is not a multiple of the window, the last tile of a
+    row or column is placed flush with the grid's edge (overlapping its neighbour), and each
+    position takes its output from its own tile (``position // window``). So there is no
+    padding and no attention mask, and ``scaled_dot_product_attention`` can use a fused
+    (flash) kernel on a GPU: a 24 x 24 grid with 7 x 7 windows is 16 tiles of 49 tokens
+    instead of a padded 28 x 28 grid with a mask. A window larger than the grid shrinks to it.
     """
 
     def __init__(self, dim: int, heads: int, window: int) -> None:
@@ -39,30 +71,20 @@ class WindowAttention(nn.Module):
         self.window = window
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self._indices: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         b, n, d = x.shape
-        h, w = grid
-        wh, ww = min(self.window, h), min(self.window, w)
-        ph, pw = (-h) % wh, (-w) % ww
-        x = x.reshape(b, h, w, d)
-        if ph or pw:
-            x = F.pad(x, (0, 0, 0, pw, 0, ph))
-        hp, wp = h + ph, w + pw
-        nh, nw = hp // wh, wp // ww
-        # (B, nh, wh, nw, ww, D) -> (B * nh * nw, wh * ww, D)
-        tiles = x.reshape(b, nh, wh, nw, ww, d).permute(0, 1, 3, 2, 4, 5).reshape(b * nh * nw, wh * ww, d)
-        qkv = self.qkv(tiles).reshape(tiles.shape[0], wh * ww, 3, self.heads, d // self.heads)
+        key = (grid[0], grid[1], str(x.device))
+        if key not in self._indices:
+            self._indices[key] = window_indices(grid, self.window, x.device)
+        gather, scatter = self._indices[key]
+        windows, length = gather.shape
+        tiles = x[:, gather.reshape(-1)].reshape(b * windows, length, d)
+        qkv = self.qkv(tiles).reshape(b * windows, length, 3, self.heads, d // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        mask = None
-        if ph or pw:
-            valid = torch.zeros(hp, wp, dtype=torch.bool, device=x.device)
-            valid[:h, :w] = True
-            valid = valid.reshape(nh, wh, nw, ww).permute(0, 2, 1, 3).reshape(nh * nw, 1, 1, wh * ww)
-            mask = valid.repeat(b, 1, 1, 1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = out.transpose(1, 2).reshape(b, nh, nw, wh, ww, d).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, d)
-        out = out[:, :h, :w].reshape(b, n, d)
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(1, 2).reshape(b, windows * length, d)[:, scatter]
         return self.proj(out)
 
 

@@ -1,6 +1,6 @@
 """GSCM, the global structural context module of the low-frequency branch.
 
-DESIGN section 2, step 4: on ``F_low`` it relates every position to every other one, so
+docs/design.md#gscm: on ``F_low`` it relates every position to every other one, so
 that the semantics of a part (its colour, its presence, its place) are judged in the
 context of the whole image; stains, colour shifts and missing or displaced parts are
 global anomalies. Attention is *linear* (kernelised, ``elu + 1`` feature map): cost grows

@@ -1,6 +1,6 @@
 """HarmoniAD: frequency split, FSAM and GSCM branches, fusion, noisy bottleneck, reconstruction.
 
-DESIGN section 2, steps 2-8. The input is the list of frozen encoder maps ``F_l``
+docs/design.md#method. The input is the list of frozen encoder maps ``F_l``
 (B x C x h x w, one per chosen backbone block). Data flow:
 
 1. split every ``F_l`` into ``F_low_l + F_high_l`` (``harmoniad.model.frequency``);
@@ -73,7 +73,7 @@ class ModelConfig:
     """
 
     hidden_dim: int = 256
-    # Frequency split (DESIGN step 2).
+    # Frequency split (docs/design.md#frequency-split).
     split: bool = True
     cutoff: float = 0.25
     soft_edge: float = 0.0

@@ -40,7 +40,7 @@ import secrets
 import shutil
 import socket
 import sqlite3
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,10 @@ from harmoniad.store.schema import (
 )
 
 
+#: ``(run_id, new status)``, see ``ResultStore(on_status=...)``.
+RunObserver = Callable[[str, str], None]
+
+
 class ResultStore:
     """Evaluation runs: an SQLite index plus per-run parquet tables and compressed maps.
 
@@ -93,18 +97,27 @@ class ResultStore:
         *,
         map_precision: MapPrecision = "float16",
         timeout_s: float = 30.0,
+        on_status: RunObserver | None = None,
     ) -> None:
+        """``on_status(run_id, status)`` is called after this store object creates (``running``),
+        finishes (``complete``) or fails (``failed``) a run: a caller running work in the
+        background (the dashboard's jobs) learns which runs the work opened and closed."""
         if map_precision not in ("float16", "uint8"):
             raise ValueError(f"map_precision must be 'float16' or 'uint8', got {map_precision!r}")
         self.root = Path(path) if path is not None else store_dir()
         self.db_path = self.root / "index.sqlite"
         self.map_precision: MapPrecision = map_precision
         self.timeout_s = timeout_s
+        self.on_status = on_status
         self.root.mkdir(parents=True, exist_ok=True)
         self._init_schema()
 
     def __repr__(self) -> str:
         return f"ResultStore({str(self.root)!r})"
+
+    def _notify(self, run_id: str, status: str) -> None:
+        if self.on_status is not None:
+            self.on_status(run_id, status)
 
     # ------------------------------------------------------------------ connections
     @contextlib.contextmanager
@@ -204,6 +217,7 @@ class ResultStore:
                         f"INSERT INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                         [run_id, *row.values()],
                     )
+                self._notify(run_id, "running")
                 return run_id
             except sqlite3.IntegrityError:
                 continue  # id collision within the same second: draw another
@@ -354,6 +368,7 @@ class ResultStore:
                 "UPDATE runs SET status = 'complete', finished = ?, updated = ? WHERE id = ?",
                 (now, now, run_id),
             )
+        self._notify(run_id, "complete")
 
     def fail_run(self, run_id: str, error: str) -> None:
         """Mark the run ``failed`` with ``error`` (categories already stored are kept)."""
@@ -364,6 +379,7 @@ class ResultStore:
                 "UPDATE runs SET status = 'failed', error = ?, finished = ?, updated = ? WHERE id = ?",
                 (str(error), now, now, run_id),
             )
+        self._notify(run_id, "failed")
 
     def delete_run(self, run_id: str, *, force: bool = False) -> None:
         """Remove a run from the index, then its files.

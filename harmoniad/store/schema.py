@@ -25,7 +25,7 @@ SCHEMA_VERSION = 2
 #: Run statuses. A run killed mid-way is ``failed`` with an error starting ``interrupted:``.
 RUN_STATUSES = ("running", "complete", "failed")
 CATEGORY_STATUSES = ("ok", "failed")
-#: Per-category metric columns (fractions in [0, 1]), DESIGN section 4.
+#: Per-category metric columns (fractions in [0, 1]), docs/design.md#metrics.
 METRIC_COLUMNS = (
     "image_auroc",
     "image_ap",

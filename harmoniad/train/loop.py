@@ -1,4 +1,4 @@
-"""Multi-class joint training of HarmoniAD from cached backbone features (DESIGN section 2, step 8).
+"""Multi-class joint training of HarmoniAD from cached backbone features (docs/design.md#training).
 
 One model is trained on the normal training images of every chosen category together.
 The loop reads features batch by batch from a :class:`FeatureSource` (the on-disk feature

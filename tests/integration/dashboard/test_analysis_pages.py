@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
+from dashboard import nav
 from harmoniad.store import ResultStore
 from tests.paths import APP as _APP
 
@@ -30,7 +31,7 @@ COUNTS = ("True positives", "False positives", "False negatives", "True negative
 def _open(page: str, run_id: str | None = None) -> AppTest:
     at = AppTest.from_file(APP, default_timeout=60)
     if run_id is not None:
-        at.session_state["run_id"] = run_id
+        at.session_state[nav.RUN_KEY] = run_id
     at.run()
     at.switch_page(f"../pages/{page}.py").run()
     return at
@@ -121,7 +122,7 @@ def test_inspect_run_category_and_threshold(demo_store: ResultStore) -> None:
 
     at.selectbox(key="inspect_run").select(ids["harmoniad"]).run()
     _no_exception(at, "inspect")
-    assert at.session_state["run_id"] == ids["harmoniad"]
+    assert at.session_state[nav.RUN_KEY] == ids["harmoniad"]
     assert "High-frequency map" in " | ".join(_captions(at))
 
     category = at.selectbox(key="inspect_category")

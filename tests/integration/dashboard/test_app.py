@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from dashboard import bootstrap
+from dashboard import bootstrap, nav
 from harmoniad.evaluate import EvalRequest
 from harmoniad.runtime.progress import Progress, ProgressFn
 from harmoniad.store import ResultStore
@@ -111,7 +111,7 @@ def test_sidebar_selection_is_shared_by_every_picker(demo_store: ResultStore) ->
     assert at.selectbox(key="sidebar_run").value == harmoniad  # the default: the newest HarmoniAD run
     patchcore = _run_id(demo_store, "patchcore")
     at.selectbox(key="sidebar_run").set_value(patchcore).run()
-    assert at.session_state["run_id"] == patchcore
+    assert at.session_state[nav.RUN_KEY] == patchcore
     _page(at, "run")
     assert not at.exception
     assert at.selectbox(key="run_cached_picker").value == patchcore
@@ -189,7 +189,7 @@ def test_run_page_starts_an_evaluation_and_selects_its_run(demo_store: ResultSto
     (run_id,) = new
     info = demo_store.get_run(run_id)
     assert info.complete and info.method == "freqfilter" and info.resolution == 64
-    assert at.session_state["run_id"] == run_id
+    assert at.session_state[nav.RUN_KEY] == run_id
 
 
 def test_run_page_cancel_stops_the_evaluation(demo_store: ResultStore) -> None:

@@ -191,6 +191,22 @@ def test_finished_run_cannot_be_written(store: ResultStore) -> None:
         store.finish_run(run)
 
 
+def test_status_observer_sees_each_transition_after_it_is_committed(tmp_path: Path) -> None:
+    seen: list[tuple[str, str, str]] = []
+    store = ResultStore(tmp_path / "runs", on_status=lambda run_id, status: seen.append(
+        (run_id, status, ResultStore(tmp_path / "runs").get_run(run_id).status)))
+    done = new_run(store, categories=["a"])
+    store.add_category(done, "a", **fake_category("a"))
+    store.finish_run(done)
+    failed = new_run(store, categories=["a"])
+    store.fail_run(failed, "fit failed")
+    with pytest.raises(RunStateError):
+        store.finish_run(failed)  # refused: no notification
+    # (run, reported status, status another reader sees at that moment): already committed.
+    assert seen == [(done, "running", "running"), (done, "complete", "complete"),
+                    (failed, "running", "running"), (failed, "failed", "failed")]
+
+
 def _killed_writer(root: str, conn) -> None:
     store = ResultStore(root)
     run = new_run(store, categories=["a", "b"])
