@@ -2,6 +2,9 @@
 
 Each subcommand is a thin layer over the package API; errors about the user's input
 (a bad dataset tree, missing weights, a bad checkpoint) print one clear line and exit 2.
+``evaluate`` prints every failed method/category with its one-line reason on stderr and
+exits 1 when some method failed on every category; ``score`` exits 1 only when no image
+could be scored.
 """
 
 from __future__ import annotations
@@ -31,6 +34,24 @@ def _dataset_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, choices=sorted(DATASETS), help="dataset reader")
     parser.add_argument("--root", required=True, type=Path, help="dataset root folder")
     parser.add_argument("--categories", nargs="+", default=None, help="categories (default: all)")
+    group = parser.add_argument_group("reading")
+    group.add_argument("--masks", choices=["auto", "none"], default="auto",
+                       help="'auto': pixel ground truth from ground_truth/ when the tree has it; "
+                            "'none': image-level metrics only (default: %(default)s)")
+    group.add_argument("--allow-missing-masks", action="store_true",
+                       help="accept defective images without a mask (pixel metrics use those with one)")
+    group.add_argument("--normal-dir", default=None,
+                       help="folder dataset: name of the normal images' folder (default: good)")
+    group.add_argument("--test-normals", type=float, default=0.2,
+                       help="flat folder layout <root>/<category>/{good,<defect>...}: share of the normal "
+                            "images held back (seeded) as test normals (default: %(default)s)")
+
+
+def _read_options(args: argparse.Namespace, seed: int = 0) -> object:
+    from harmoniad.data import ReadOptions
+
+    return ReadOptions(masks=args.masks, allow_missing_masks=args.allow_missing_masks,
+                       normal_dir=args.normal_dir, test_normals=args.test_normals, seed=seed)
 
 
 def _backbone_config(args: argparse.Namespace) -> BackboneConfig:
@@ -44,7 +65,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from harmoniad.backbone.cache import FeatureCache
 
     splits = ["train", "test"] if args.split == "all" else [args.split]
-    samples = [s for split in splits for s in load_dataset(args.dataset, args.root, args.categories, split=split)]
+    options = _read_options(args)
+    samples = [s for split in splits
+               for s in load_dataset(args.dataset, args.root, args.categories, split=split, options=options)]
     cache = FeatureCache(_backbone_config(args), batch_size=args.batch_size, device=distributed.device(args.device))
     # Under torchrun each rank extracts its share of the images (a no-op split otherwise).
     done = cache.ensure([s.image_path for s in samples], distributed=True)
@@ -61,7 +84,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from harmoniad.data.screening import Screen
     from harmoniad.train import TrainConfig, train
 
-    samples = load_dataset(args.dataset, args.root, args.categories, split="train")
+    samples = load_dataset(args.dataset, args.root, args.categories, split="train",
+                           options=_read_options(args, args.seed))
     sizes = {} if args.hidden_dim is None else {"hidden_dim": args.hidden_dim}
     model_cfg = ModelConfig(split=not args.no_split, branches=args.branches, cutoff=args.cutoff, **sizes)
     train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
@@ -79,28 +103,86 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score_threshold(args: argparse.Namespace, score_settings: dict) -> tuple[float | None, str]:
+    """The threshold ``score`` applies and where it comes from (None: no decisions, the
+    reason in the second item: scoring never fails for want of a threshold)."""
+    from harmoniad.thresholds import THRESHOLDS_FILE, load_checkpoint_thresholds
+
+    if args.threshold_value is not None:
+        return float(args.threshold_value), "given on the command line"
+    if args.threshold == "none":
+        return None, "none asked"
+    stored = load_checkpoint_thresholds(args.checkpoint)
+    if stored is None:
+        return None, f"none stored ({args.checkpoint / THRESHOLDS_FILE} missing: run evaluate with this checkpoint)"
+    differ = sorted(k for k, v in stored["score"].items()
+                    if k != "compile" and k in score_settings and score_settings[k] != v)
+    if differ:
+        return None, (
+            f"not applied: {args.checkpoint / THRESHOLDS_FILE} was fitted with scoring settings "
+            + ", ".join(f"{k}={stored['score'][k]!r}" for k in differ)
+            + " but this run uses " + ", ".join(f"{k}={score_settings[k]!r}" for k in differ)
+            + "; use the same settings or --threshold-value"
+        )
+    categories = stored["categories"]
+    category = args.category
+    if category is None:
+        if len(categories) != 1:
+            return None, (f"not applied: {args.checkpoint / THRESHOLDS_FILE} holds thresholds of categories "
+                          f"{sorted(categories)}; pick one with --category")
+        category = next(iter(categories))
+    if category not in categories or args.threshold not in categories[category]:
+        return None, (f"not applied: {args.checkpoint / THRESHOLDS_FILE} has no {args.threshold!r} threshold "
+                      f"for category {category!r}; stored: { {c: sorted(t) for c, t in categories.items()} }")
+    chosen = categories[category][args.threshold]
+    how = (f"target FPR {chosen.get('target_fpr')}" if args.threshold == "fpr" else "max")
+    return float(chosen["value"]), (f"fitted on {chosen.get('n_normals')} held-out normal images of "
+                                    f"{category!r} ({how})")
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     import numpy as np
     import pandas as pd
     from PIL import Image
 
-    from harmoniad.runtime.atomic import atomic_path
+    from harmoniad.data import DatasetError, Sample
     from harmoniad.data.readers import IMAGE_EXTENSIONS as IMAGE_SUFFIXES
+    from harmoniad.data.screening import Screen
     from harmoniad.maps import ScoreConfig
     from harmoniad.methods.harmoniad import Scorer
+    from harmoniad.runtime.atomic import atomic_path
+    from harmoniad.runtime.serialization import to_dict
     from harmoniad.visualize import heatmap_rgb
 
     images = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if args.images.is_dir() else [args.images]
     if not images:
         raise ValueError(f"{args.images}: no images found (expected files ending in {sorted(IMAGE_SUFFIXES)})")
     cfg = ScoreConfig(resolution=args.resolution, image_score=args.image_score)
+    threshold, source = _score_threshold(args, to_dict(cfg))
     scorer = Scorer.from_checkpoint(args.checkpoint, cfg, device=args.device, use_cache=False, batch_size=args.batch_size)
-    pred = scorer.score_paths(images)
+    # An unreadable image is left out and listed (CSV and stderr); only "nothing scored" fails.
+    samples = [Sample(p, None, "score", "good", 0, "test") for p in images]
+    screen = Screen()
+    try:
+        pred, kept = screen.run(lambda usable: scorer.score_paths([s.image_path for s in usable]), samples)
+    except DatasetError as exc:
+        pred, kept = None, []
+        print(f"error: nothing could be scored: {exc}", file=sys.stderr)
+    skipped = {s.path: s.reason for s in screen.skipped(samples)}
     args.out.mkdir(parents=True, exist_ok=True)
-    # One colour scale for the whole folder, so heatmaps are comparable between images.
-    vmax = float(np.percentile(pred.maps, 99.9))
     rows = []
-    for i, path in enumerate(images):
+    scored = {s.image_path: i for i, s in enumerate(kept)}
+    if pred is not None:
+        # One colour scale for the whole folder, so heatmaps are comparable between images.
+        vmax = float(np.percentile(pred.maps, 99.9))
+    for path in images:
+        i = scored.get(path)
+        if i is None:
+            reason = next((r for p, r in skipped.items() if p == str(path) or r.startswith(str(path))), "skipped")
+            rows.append({"image": str(path), "status": "skipped", "score": None, "threshold": threshold,
+                         "anomalous": None, "reason": reason})
+            print(f"skipped: {reason}", file=sys.stderr)
+            continue
         rel = path.relative_to(args.images) if args.images.is_dir() else Path(path.name)
         stem = "__".join(rel.with_suffix("").parts)
         for name, maps in (("anomaly", pred.maps), ("high", pred.high_maps), ("low", pred.low_maps)):
@@ -108,11 +190,18 @@ def cmd_score(args: argparse.Namespace) -> int:
                 continue
             with atomic_path(args.out / f"{stem}_{name}.png") as tmp:
                 Image.fromarray(heatmap_rgb(maps[i], vmin=0.0, vmax=vmax)).save(tmp, format="PNG")
-        rows.append({"image": str(path), "score": float(pred.scores[i])})
+        score = float(pred.scores[i])
+        rows.append({"image": str(path), "status": "scored", "score": score, "threshold": threshold,
+                     "anomalous": None if threshold is None else bool(score > threshold), "reason": None})
+    table = pd.DataFrame(rows, columns=["image", "status", "score", "threshold", "anomalous", "reason"])
     with atomic_path(args.out / "scores.csv") as tmp:
-        pd.DataFrame(rows).to_csv(tmp, index=False)
-    print(f"scored {len(images)} images -> {args.out / 'scores.csv'} and heatmaps in {args.out}")
-    return 0
+        table.to_csv(tmp, index=False)
+    n_scored = int((table["status"] == "scored").sum())
+    flagged = "" if threshold is None else f", {int(table['anomalous'].fillna(False).astype(bool).sum())} flagged anomalous"
+    print(f"scored {n_scored} of {len(images)} images{flagged} -> {args.out / 'scores.csv'} and heatmaps in {args.out}")
+    print(f"threshold: {'none' if threshold is None else f'{threshold:.6g}'} ({source})",
+          file=sys.stderr if source.startswith("not applied") else sys.stdout)
+    return 0 if n_scored else 1
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -129,16 +218,48 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         resolution=args.resolution,
         seed=args.seed,
         device=args.device,
+        name=args.name,
+        masks=args.masks,
+        allow_missing_masks=args.allow_missing_masks,
+        normal_dir=args.normal_dir,
+        test_normals=args.test_normals,
+        threshold_holdout=args.threshold_holdout,
+        target_fpr=args.target_fpr,
+        n_resamples=args.resamples,
     )
     if not distributed.is_main():  # under torchrun: compute a share, rank 0 writes and prints
         evaluate(request)
         return 0
     store = ResultStore(args.store)
+    failed_everywhere = []
     for run_id in evaluate(request, store):
         info = store.get_run(run_id)
-        print(f"{run_id}  {info.method:<22} {info.status}")
+        print(f"{run_id}  {info.method:<22} {info.status}  ({info.dataset})")
         _print_metrics(store, run_id)
+        if _report_failures(store, run_id):
+            failed_everywhere.append(info.method)
+    if failed_everywhere:
+        print(f"error: {', '.join(failed_everywhere)} failed on every category", file=sys.stderr)
+        return 1
     return 0
+
+
+def _one_line(error: object) -> str:
+    lines = [line for line in str(error or "").strip().splitlines() if line.strip()]
+    return lines[0] if lines else "no reason recorded"
+
+
+def _report_failures(store: object, run_id: str) -> bool:
+    """Print the run's failures on stderr, one line each; True if it failed on every category."""
+    info = store.get_run(run_id)  # type: ignore[attr-defined]
+    metrics = store.load_metrics(run_id)  # type: ignore[attr-defined]
+    failed = metrics[metrics["status"] == "failed"]
+    for category, error in zip(failed["category"], failed["error"]):
+        print(f"{info.method} failed on {category}: {_one_line(error)}", file=sys.stderr)
+    if info.status == "failed":
+        print(f"{info.method} failed: {_one_line(info.error)}", file=sys.stderr)
+    ok = int((metrics["status"] == "ok").sum())
+    return info.status == "failed" or ok == 0
 
 
 def _print_metrics(store: object, run_id: str) -> None:
@@ -147,9 +268,33 @@ def _print_metrics(store: object, run_id: str) -> None:
     metrics: pd.DataFrame = store.load_metrics(run_id)  # type: ignore[attr-defined]
     if metrics.empty:
         return
-    cols = ["category", "status", "image_auroc", "pixel_auroc", "pixel_aupro"]
-    with pd.option_context("display.width", 160, "display.float_format", "{:.3f}".format):
-        print(metrics[[c for c in cols if c in metrics]].to_string(index=False))
+    cols = ["category", "status", "image_auroc", "pixel_auroc", "pixel_aupro", "n_images"]
+    table = metrics[[c for c in cols if c in metrics]].copy()
+    intervals = store.load_intervals(run_id)  # type: ignore[attr-defined]
+    for metric in ("image_auroc", "pixel_auroc", "pixel_aupro"):
+        ci = intervals[intervals["metric"] == metric].set_index("category")
+        table[metric] = [_with_ci(v, ci, c) for c, v in zip(table["category"], table[metric])]
+    with pd.option_context("display.width", 200, "display.max_colwidth", 120):
+        print(table.to_string(index=False))
+    mean = intervals[intervals["category"] == "mean"]
+    for metric, est, low, high in zip(mean["metric"], mean["estimate"], mean["low"], mean["high"]):
+        print(f"mean {metric}: {est:.3f} [95% CI {low:.3f}, {high:.3f}]")
+    failed = metrics[metrics["status"] == "failed"]
+    for category, error in zip(failed["category"], failed["error"]):
+        print(f"failed {category}: {_one_line(error)}")
+    defects = store.load_defects(run_id)  # type: ignore[attr-defined]
+    if len(defects):
+        print("per defect type (its images against all normals of the category):")
+        shown = defects.astype(object).where(defects.notna(), "n/a")
+        with pd.option_context("display.width", 200, "display.float_format", "{:.3f}".format):
+            print(shown.to_string(index=False, float_format="{:.3f}".format))
+    thresholds = store.load_thresholds(run_id)  # type: ignore[attr-defined]
+    if len(thresholds):
+        print("thresholds (flag score > value) and their operating points on the test set:")
+        cols = ["category", "label", "value", "precision", "recall", "fpr", "tp", "fp", "tn", "fn"]
+        shown = thresholds[cols].astype(object).where(thresholds[cols].notna(), "n/a")
+        with pd.option_context("display.width", 200):
+            print(shown.to_string(index=False, float_format="{:.4g}".format))
     skipped: pd.DataFrame = store.load_skipped(run_id)  # type: ignore[attr-defined]
     if len(skipped):
         print(f"{len(skipped)} unusable file(s) left out of this run:")
@@ -157,6 +302,18 @@ def _print_metrics(store: object, run_id: str) -> None:
             print(f"  [{split}] {reason}")
         if len(skipped) > 20:
             print(f"  ... and {len(skipped) - 20} more (store.load_skipped({run_id!r}))")
+
+
+def _with_ci(value: float, ci: "object", category: str) -> str:
+    """``0.962 [0.94, 0.98]``, or ``n/a`` for a metric that is not available."""
+    import math
+
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if category in ci.index:  # type: ignore[attr-defined]
+        row = ci.loc[category]  # type: ignore[attr-defined]
+        return f"{value:.3f} [{row['low']:.3f}, {row['high']:.3f}]"
+    return f"{value:.3f}"
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -170,6 +327,10 @@ def cmd_runs(args: argparse.Namespace) -> int:
         cols = ["id", "method", "dataset", "status", "random_weights", "created"]
         with pd.option_context("display.width", 200, "display.max_colwidth", 40):
             print("no runs" if runs.empty else runs[[c for c in cols if c in runs]].to_string(index=False))
+    elif args.action == "show" and args.json:
+        import json
+
+        print(json.dumps(store.run_json(args.run_id), indent=2))
     elif args.action == "show":
         info = store.get_run(args.run_id)
         print(f"{info.id}: {info.method} on {info.dataset} ({info.root}), {info.status}")
@@ -177,7 +338,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
             print(f"error: {info.error}")
         _print_metrics(store, info.id)
     elif args.action == "export":
-        for path in store.export_csv(args.run_id, args.out):
+        for path in [*store.export_csv(args.run_id, args.out), *store.export_details_csv(args.run_id, args.out)]:
             print(path)
     elif args.action == "delete":
         store.delete_run(args.run_id, force=args.force)
@@ -222,6 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-score", choices=["top_mean", "max"], default="top_mean")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
+    p.add_argument("--threshold", choices=["fpr", "max", "none"], default="fpr",
+                   help="stored threshold to apply (fitted by evaluate on held-out training normals: "
+                        "'fpr' for the target false-positive rate, 'max' for their maximum) (default: %(default)s)")
+    p.add_argument("--threshold-value", type=float, default=None, help="apply this threshold instead")
+    p.add_argument("--category", default=None, help="whose stored threshold (needed when there are several)")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("evaluate", help="evaluate methods on a dataset and store the runs")
@@ -231,6 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=256, help="evaluation resolution (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--store", type=Path, default=None, help="run store folder (default: $HARMONIAD_STORE or cache/runs)")
+    p.add_argument("--name", default=None, help="folder dataset: stored as folder:<name> (default: the root's name)")
+    p.add_argument("--threshold-holdout", type=float, default=0.1,
+                   help="share of each category's training normals held out to fit thresholds on (default: %(default)s)")
+    p.add_argument("--target-fpr", type=float, default=0.01,
+                   help="false-positive rate the quantile threshold aims at (default: %(default)s)")
+    p.add_argument("--resamples", type=int, default=1000,
+                   help="bootstrap resamples for the 95%% intervals; 0 for none (default: %(default)s)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("runs", help="list, show, export or delete stored runs")
@@ -242,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--status", choices=["running", "complete", "failed"])
     q = rs.add_parser("show", help="one run: status, per-category metrics, skipped files")
     q.add_argument("run_id")
+    q.add_argument("--json", action="store_true", help="print one JSON object (schema in the README)")
     q = rs.add_parser("export", help="write metrics and per-image scores as CSV")
     q.add_argument("run_id")
     q.add_argument("--out", type=Path, default=Path("."))

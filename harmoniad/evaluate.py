@@ -11,6 +11,7 @@ metrics, writes the store and reports progress.
 
 from __future__ import annotations
 
+import random
 import time
 import traceback
 from collections.abc import Mapping, Sequence
@@ -25,11 +26,14 @@ from PIL import Image
 from harmoniad.runtime import distributed
 from harmoniad.backbone import TINY_BACKBONE, BackboneConfig, resolve_spec
 from harmoniad.runtime.serialization import to_dict
-from harmoniad.data import Sample, read_mask
+from harmoniad.data import DatasetError, Sample, read_mask
 from harmoniad.methods import METHODS, build_method
 from harmoniad.methods.base import Context, Method
 from harmoniad.maps import Prediction
-from harmoniad.metrics import image_metrics, pixel_metrics
+from harmoniad.analysis import CategoryReport, category_report, category_seed, image_part, mean_intervals, pixel_part
+from harmoniad.data.readers import ReadOptions
+from harmoniad.stats import LEVEL
+from harmoniad.thresholds import save_checkpoint_thresholds
 from harmoniad.runtime.progress import Cancelled, Progress, ProgressEvent, ProgressFn, print_progress, silent
 from harmoniad.data.screening import Screen, SkippedFile, load_categories
 from harmoniad.store import ResultStore
@@ -49,6 +53,59 @@ class EvalRequest:
     device: str = "auto"
     #: Per-method overrides, e.g. ``{"harmoniad": {"train": {"epochs": 5}}}``.
     options: dict[str, Any] = field(default_factory=dict)
+    #: Folder datasets are stored as ``folder:<name>`` (default: the root folder's name).
+    name: str | None = None
+    #: Reading: ``"auto"`` (masks when the tree has ground_truth/) or ``"none"``.
+    masks: str = "auto"
+    allow_missing_masks: bool = False
+    #: Flat folder layout: the normal images' folder and the share held back as test normals.
+    normal_dir: str | None = None
+    test_normals: float = 0.2
+    #: Share of each category's training normals held out (seeded) to fit thresholds on; 0: none.
+    threshold_holdout: float = 0.1
+    #: The false-positive rate the quantile threshold aims at on the held-out normals.
+    target_fpr: float = 0.01
+    #: Bootstrap resamples for the 95% intervals; 0: no intervals.
+    n_resamples: int = 1000
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold_holdout < 1.0:
+            raise ValueError(f"threshold_holdout must be in [0, 1), got {self.threshold_holdout}")
+        if not 0.0 <= self.target_fpr < 1.0:
+            raise ValueError(f"target_fpr must be in [0, 1), got {self.target_fpr}")
+        if self.n_resamples < 0:
+            raise ValueError(f"n_resamples must be >= 0, got {self.n_resamples}")
+        if self.name is not None and (not self.name.strip() or ":" in self.name):
+            raise ValueError(f"name must be a non-empty name without ':', got {self.name!r}")
+
+    @property
+    def read_options(self) -> ReadOptions:
+        return ReadOptions(masks=self.masks, allow_missing_masks=self.allow_missing_masks,
+                           normal_dir=self.normal_dir, test_normals=self.test_normals, seed=self.seed)
+
+    @property
+    def dataset_label(self) -> str:
+        """How the run names its dataset: ``folder:<name>`` for folder datasets."""
+        if self.dataset != "folder":
+            return self.dataset
+        return f"folder:{self.name or Path(self.root).expanduser().absolute().name}"
+
+
+def hold_out_normals(train: Sequence[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Split each category's training normals into (fit, held out for thresholds), seeded.
+
+    A category with n >= 2 normals holds out ``round(fraction * n)`` of them, at least one
+    and at most n - 1; with fewer, or ``fraction`` 0, nothing is held out.
+    """
+    fit: list[Sample] = []
+    held: list[Sample] = []
+    for category in dict.fromkeys(s.category for s in train):
+        samples = [s for s in train if s.category == category]
+        k = 0 if fraction <= 0 or len(samples) < 2 else min(len(samples) - 1, max(1, round(fraction * len(samples))))
+        chosen = set(random.Random(f"{seed}:{category}:thresholds").sample(range(len(samples)), k))
+        for i, s in enumerate(samples):
+            (held if i in chosen else fit).append(s)
+    return fit, held
 
 
 def masks_at(samples: Sequence[Sample], resolution: int) -> np.ndarray:
@@ -66,19 +123,10 @@ def category_metrics(labels: np.ndarray, pred: Prediction, masks: np.ndarray) ->
 
     A metric that is undefined for this category (a test set with one label only, or no
     anomalous pixel) is NaN, so a mean over categories skips it instead of inventing it.
+    Evaluation itself uses :func:`harmoniad.analysis.category_report`, which adds
+    per-defect results, intervals and thresholds.
     """
-    metrics: dict[str, float] = {}
-    image_keys = ("auroc", "ap", "f1_max")
-    pixel_keys = ("auroc", "ap", "f1_max", "aupro")
-    if 0 < labels.sum() < len(labels):
-        metrics.update({f"image_{k}": float(v) for k, v in image_metrics(labels, pred.scores).items()})
-    else:
-        metrics.update({f"image_{k}": float("nan") for k in image_keys})
-    if masks.any() and not masks.all():
-        metrics.update({f"pixel_{k}": float(v) for k, v in pixel_metrics(masks, pred.maps).items()})
-    else:
-        metrics.update({f"pixel_{k}": float("nan") for k in pixel_keys})
-    return metrics
+    return {**image_part(labels, pred.scores), **pixel_part(masks, pred.maps)}
 
 
 def _images_table(samples: Sequence[Sample], scores: np.ndarray) -> pd.DataFrame:
@@ -112,12 +160,13 @@ def evaluate(
     cats = list(request.categories) if request.categories else None
     # A malformed category is recorded as failed and the others go on; a bad file is left
     # out and listed in the run (harmoniad.data.screening). Verdicts are shared by every method.
-    loaded = load_categories(request.dataset, request.root, cats)
+    loaded = load_categories(request.dataset, request.root, cats, request.read_options)
     train, test, categories = loaded.train, loaded.test, loaded.categories
+    fit_train, held = hold_out_normals(train, request.threshold_holdout, request.seed)
     screen = Screen(decode=distributed.active())  # ranks must agree up front: no retries
     device = distributed.device(request.device)
     if distributed.active():
-        _prefetch_features(request, screen.keep(train)[0], methods, device, report)
+        _prefetch_features(request, screen.keep(fit_train)[0], methods, device, report)
     outer = Progress("evaluate", len(request.methods) * (len(categories) + 1), report, min_interval_s=0)
     run_ids = []
     mask_memo: dict[tuple[Path | None, ...], np.ndarray] = {}  # ground truth, read once for all methods
@@ -129,24 +178,42 @@ def evaluate(
             seed=request.seed,
             progress=_nested(report, name),
         )
+        # Weights that cannot be loaded fail this method's run (reported, exit 1 in the CLI),
+        # not the whole request: the other methods still run. Every rank sees the same files.
+        provenance, weights_error = None, None
+        if method.uses_backbone:
+            try:
+                provenance = _provenance(request.backbone)
+            except (ValueError, OSError) as exc:
+                weights_error = f"cannot load the backbone weights: {exc}"
+        if weights_error is not None:
+            if main:
+                run_id = store.create_run(method=name, method_config=method.config(), dataset=request.dataset_label,
+                                          root=str(Path(request.root)), categories=categories,
+                                          backbone={"error": weights_error}, resolution=request.resolution,
+                                          request=to_dict(request))
+                run_ids.append(run_id)
+                store.fail_run(run_id, weights_error)
+            outer.update(len(categories) + 1, method=name)
+            continue
         if not main:  # a non-main rank: its share of the work goes to rank 0's run
-            _run_method(method, ctx, ComputeOnly(), train, test, categories, outer,
-                        screen=screen, broken=loaded.broken, mask_memo=mask_memo)
+            _run_method(method, ctx, ComputeOnly(), fit_train, test, categories, outer,
+                        screen=screen, broken=loaded.broken, mask_memo=mask_memo, held=held, request=request)
             continue
         run_id = store.create_run(
             method=name,
             method_config=method.config(),
-            dataset=request.dataset,
+            dataset=request.dataset_label,
             root=str(Path(request.root)),
             categories=categories,
-            backbone=_provenance(request.backbone) if method.uses_backbone else None,
+            backbone=provenance,
             resolution=request.resolution,
             request=to_dict(request),
         )
         run_ids.append(run_id)
         try:
-            _run_method(method, ctx, RunRecorder(store, run_id), train, test, categories, outer,
-                        screen=screen, broken=loaded.broken, mask_memo=mask_memo)
+            _run_method(method, ctx, RunRecorder(store, run_id), fit_train, test, categories, outer,
+                        screen=screen, broken=loaded.broken, mask_memo=mask_memo, held=held, request=request)
         except BaseException as exc:
             # Cancelled, KeyboardInterrupt or a bug: the run must never be left "running"
             # by a live process (the dashboard's thread), and never shown complete.
@@ -177,6 +244,9 @@ class RunRecorder:
     def add_category(self, category: str, **results: Any) -> None:
         self.store.add_category(self.run_id, category, **results)
 
+    def set_run_details(self, details: dict[str, Any]) -> None:
+        self.store.set_run_details(self.run_id, details)
+
     def finish_run(self) -> None:
         self.store.finish_run(self.run_id)
 
@@ -201,6 +271,9 @@ class ComputeOnly(RunRecorder):
     def add_category(self, category: str, **results: Any) -> None:
         pass
 
+    def set_run_details(self, details: dict[str, Any]) -> None:
+        pass
+
     def finish_run(self) -> None:
         pass
 
@@ -217,8 +290,14 @@ def _run_method(
     screen: Screen,
     broken: Mapping[str, str],
     mask_memo: dict[tuple[Path | None, ...], np.ndarray],
+    held: Sequence[Sample] = (),
+    request: EvalRequest | None = None,
 ) -> None:
     """Fit once, then score and store each category; a failing category doesn't stop the rest.
+
+    ``held`` are the training normals held out of the fit: each category's are scored after
+    the fit and its thresholds fitted on them (:mod:`harmoniad.thresholds`); ``request``
+    gives the target FPR, the bootstrap resamples and the seed (defaults without one).
 
     Unusable files are left out (``screen``) and listed with the run; ``broken`` categories
     (refused by the dataset reader) are recorded as failed with the reader's error.
@@ -239,6 +318,10 @@ def _run_method(
             error = f"{exc!r}\n{traceback.format_exc()}"
         error = _first_error(error)
         recorder.add_skipped(screen.skipped(train), split="train")
+        if recorder.records:
+            # Held-out normals are screened now, so their unusable files are listed too.
+            screen.keep(held)
+            recorder.add_skipped(screen.skipped(held), split="train")
         if error is not None:
             raise _FitFailed(error)
     except _FitFailed as failed:  # recorded, the next method goes on
@@ -246,6 +329,9 @@ def _run_method(
         outer.update(len(categories) + 1, method=method.name)
         return
     outer.update(method=method.name, step="fit")
+    request = request or EvalRequest("", "", (method.name,))
+    reports: dict[str, CategoryReport] = {}
+    fitted: dict[str, dict[str, Any]] = {}
     for category in categories:
         if category in broken:
             recorder.fail_category(category, broken[category])
@@ -264,26 +350,64 @@ def _run_method(
             return pred, mask_memo[key]
 
         try:
+            normal_scores = _held_out_scores(method, [s for s in held if s.category == category], ctx, screen)
             (pred, masks), samples = screen.run(score, listed)
             if not recorder.records:  # a non-main rank: its share was gathered to rank 0
                 continue
             labels = np.array([s.label for s in samples])
             maps = {"anomaly": pred.maps, "high": pred.high_maps, "low": pred.low_maps}
+            report = category_report(
+                labels, pred.scores, [s.defect for s in samples], [s.mask_path is not None for s in samples],
+                masks, pred.maps, normal_scores=normal_scores, target_fpr=request.target_fpr,
+                n_resamples=request.n_resamples, seed=category_seed(request.seed, category),
+            )
             recorder.add_category(
                 category,
-                metrics=category_metrics(labels, pred, masks),
+                metrics=report.metrics,
                 images=_images_table(samples, pred.scores),
                 maps={k: v for k, v in maps.items() if v is not None},
                 masks=masks,
                 seconds=time.perf_counter() - t0,
                 skipped=_pairs(screen.skipped(listed)),
+                details=report.details,
             )
+            reports[category] = report
+            # The checkpoint keeps what was fitted on normals only (no test-set operating points).
+            fitted[category] = {k: {f: x for f, x in v.items() if f != "test"}
+                                for k, v in report.details["thresholds"].items() if k != "oracle"}
         except Cancelled:
             raise
         except Exception as exc:  # noqa: BLE001 - recorded, the other categories go on
             recorder.fail_category(category, f"{exc!r}\n{traceback.format_exc()}", screen.skipped(listed))
         outer.update(method=method.name, category=category)
+    if recorder.records:
+        recorder.set_run_details({
+            "mean_intervals": mean_intervals(reports), "n_resamples": request.n_resamples,
+            "interval_level": LEVEL, "target_fpr": request.target_fpr,
+            "threshold_holdout": request.threshold_holdout, "seed": request.seed,
+        })
+        checkpoint = getattr(method, "checkpoint", None)
+        if checkpoint is not None and any(fitted.values()):
+            save_checkpoint_thresholds(Path(checkpoint), fitted, _score_settings(method, ctx))
     recorder.finish_run()
+
+
+def _held_out_scores(method: Method, held: list[Sample], ctx: Context, screen: Screen) -> np.ndarray | None:
+    """Scores of a category's held-out training normals (None when it has none left)."""
+    if not held or not screen.keep(held)[0]:
+        return None
+    try:
+        pred, _ = screen.run(lambda kept: _predict(method, kept, ctx), held)
+    except DatasetError:  # every held-out file unusable: listed as skipped, no thresholds
+        return None
+    return None if pred is None else np.asarray(pred.scores, dtype=np.float64)
+
+
+def _score_settings(method: Method, ctx: Context) -> dict[str, Any]:
+    """The scoring settings a stored threshold is valid for (checked by ``score``): the
+    method's score config at the evaluation resolution."""
+    score = method.config().get("score")
+    return {**(dict(score) if isinstance(score, Mapping) else {}), "resolution": ctx.resolution}
 
 
 def _pairs(files: Sequence[SkippedFile]) -> list[tuple[str, str]]:

@@ -10,17 +10,27 @@ One rule everywhere: an image is flagged anomalous when ``score > threshold``.
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from harmoniad.metrics import _image_inputs, image_curves
+from harmoniad.runtime.atomic import atomic_write_text
 
-__all__ = ["ORACLE_LABEL", "DEFAULT_TARGET_FPR", "fpr_threshold", "max_threshold",
-           "fit_thresholds", "oracle_threshold", "operating_point", "decide"]
+__all__ = ["ORACLE_LABEL", "DEFAULT_TARGET_FPR", "THRESHOLDS_FILE", "fpr_threshold", "max_threshold",
+           "fit_thresholds", "oracle_threshold", "operating_point", "decide",
+           "save_checkpoint_thresholds", "load_checkpoint_thresholds"]
 
 ORACLE_LABEL = "oracle (uses test labels)"
 DEFAULT_TARGET_FPR = 0.01
+#: Beside a checkpoint's config.json: thresholds fitted for it, per category (a file of its own,
+#: so the checkpoint format itself is untouched).
+THRESHOLDS_FILE = "thresholds.json"
+THRESHOLDS_FORMAT = "harmoniad-thresholds"
 
 
 def _normal_scores(scores: object) -> np.ndarray:
@@ -100,3 +110,34 @@ def operating_point(labels: object, scores: object, threshold: float
 
     return {"threshold": float(threshold), "tp": tp, "fp": fp, "tn": tn, "fn": fn,
             "precision": rate(tp, tp + fp), "recall": rate(tp, tp + fn), "fpr": rate(fp, fp + tn)}
+
+
+def save_checkpoint_thresholds(directory: Path, thresholds: Mapping[str, Mapping[str, Any]],
+                               score: Mapping[str, Any]) -> Path:
+    """Merge per-category fitted thresholds (``{category: {"fpr": {...}, "max": {...}}}``)
+    into ``directory/thresholds.json`` with the scoring settings they hold for; atomic."""
+    path = Path(directory) / THRESHOLDS_FILE
+    try:
+        old = load_checkpoint_thresholds(directory)
+    except ValueError:
+        old = None
+    categories = dict(old["categories"]) if old and old.get("score") == dict(score) else {}
+    categories.update({c: dict(t) for c, t in thresholds.items() if t})
+    record = {"format": THRESHOLDS_FORMAT, "score": dict(score), "categories": categories}
+    atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def load_checkpoint_thresholds(directory: Path) -> dict[str, Any] | None:
+    """The thresholds stored beside a checkpoint, or None when it has none."""
+    path = Path(directory) / THRESHOLDS_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable thresholds file ({exc}); delete it or re-run evaluate") from exc
+    if not isinstance(record, dict) or record.get("format") != THRESHOLDS_FORMAT \
+            or not isinstance(record.get("categories"), dict):
+        raise ValueError(f"{path}: not a HarmoniAD thresholds file (expected format {THRESHOLDS_FORMAT!r})")
+    return record

@@ -6,7 +6,7 @@ Public API: :class:`Sample`, :class:`DatasetError`, :func:`load_dataset`,
 """
 
 from harmoniad.data.io import MAX_PIXELS, image_size, read_image, read_mask
-from harmoniad.data.readers import DATASETS, DatasetSpec, list_categories, load_dataset
+from harmoniad.data.readers import DATASETS, DatasetSpec, ReadOptions, list_categories, load_dataset
 from harmoniad.data.records import DatasetError, Sample
 from harmoniad.data.synthetic import (
     DEFECT_KINDS,
@@ -28,6 +28,7 @@ __all__ = [
     "SYNTHETIC_DEFECTS",
     "DatasetError",
     "DatasetSpec",
+    "ReadOptions",
     "Sample",
     "ensure_synthetic",
     "image_size",

@@ -3,8 +3,16 @@
 Each reader checks the tree as it goes and refuses a malformed one with a
 :class:`DatasetError` naming the path and what was expected. Masks are paired to images
 by file stem, never by sort order, and every defective image's mask is checked to have the
-image's size (from the file headers, so loading a whole benchmark stays fast). Pixel data
-is validated later, by :func:`read_image` / :func:`read_mask`, when it is actually read.
+image's size (from the file headers, so loading a whole benchmark stays fast). A file whose
+header cannot be read is not the tree's fault: it is returned as is, and screening
+(:mod:`harmoniad.data.screening`) leaves it out and lists it. Pixel data is validated later,
+by :func:`read_image` / :func:`read_mask`, when it is actually read.
+
+Masks are optional (:class:`ReadOptions`): a tree without ``ground_truth/`` (or read with
+``masks="none"``) gives defective samples without masks, for image-level metrics only. A tree
+where only some defective images have masks is refused unless ``allow_missing_masks``. The
+folder reader also reads the flat layout ``<root>/<category>/{good,<defect>...}``: a seeded
+fraction of the normal images is held back as test normals.
 
 The supported datasets are a small registry, :data:`DATASETS`, kept as data.
 """
@@ -14,6 +22,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +36,32 @@ SYNTHETIC_MANIFEST = "synthetic.json"  # harmoniad.data.synthetic writes it; com
 IMAGE_EXTENSIONS = frozenset({".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff"})
 MASK_SUFFIX = "_mask"
 SPLIT_CHOICES = ("train", "test", "all")
+MASK_CHOICES = ("auto", "none")
+GROUND_TRUTH = "ground_truth"
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How to read a tree beyond its layout (the CLI's ``--masks``, ``--allow-missing-masks``,
+    ``--normal-dir``, ``--test-normals``; ``seed`` draws the flat layout's test normals)."""
+
+    masks: str = "auto"  # "auto": use ground_truth/ when the tree has one; "none": ignore masks
+    allow_missing_masks: bool = False
+    normal_dir: str | None = None  # folder reader: the normal images' folder (default "good")
+    test_normals: float = 0.2  # flat layout: fraction of the normal images held back for testing
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.masks not in MASK_CHOICES:
+            raise DatasetError(f"masks {self.masks!r}; expected one of {list(MASK_CHOICES)}")
+        if not 0.0 < self.test_normals < 1.0:
+            raise DatasetError(f"test_normals {self.test_normals!r}; expected a fraction in (0, 1)")
+        if self.normal_dir is not None and (not self.normal_dir or "/" in self.normal_dir
+                                            or self.normal_dir in (".", "..", GROUND_TRUTH)):
+            raise DatasetError(f"normal_dir {self.normal_dir!r}; expected a plain folder name")
+
+
+DEFAULT_OPTIONS = ReadOptions()
 
 
 @dataclass(frozen=True)
@@ -35,8 +70,8 @@ class DatasetSpec:
 
     name: str
     layout: str  # the expected tree, quoted in errors and docs
-    list_categories: Callable[[Path], list[str]]
-    load: Callable[[Path, Sequence[str], tuple[str, ...]], list[Sample]]
+    list_categories: Callable[[Path, ReadOptions], list[str]]
+    load: Callable[[Path, Sequence[str], tuple[str, ...], ReadOptions], list[Sample]]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -66,7 +101,10 @@ def _subdirs(directory: Path) -> list[Path]:
 
 
 def _check_same_size(image: Path, mask: Path) -> None:
-    img_size, mask_size = image_size(image), image_size(mask)
+    try:
+        img_size, mask_size = image_size(image), image_size(mask)
+    except (DatasetError, OSError):
+        return  # one unreadable file: screening leaves the pair out and lists it
     if img_size != mask_size:
         raise DatasetError(
             f"{mask}: mask is {mask_size[0]}x{mask_size[1]} but its image {image} is "
@@ -105,10 +143,16 @@ class _MaskIndex:
             return f"{self.directory / (stem + MASK_SUFFIX + '.png')}"
         return f"{self.directory}/{stem}[{MASK_SUFFIX}].{{png,bmp,jpg,...}}"
 
-    def find(self, image: Path) -> Path:
+    def find(self, image: Path, missing_ok: bool = False) -> Path | None:
         found = self._by_stem.get(image.stem, [])
         if not found:
-            raise DatasetError(f"{image}: defective image has no mask; expected {self.expected(image.stem)}")
+            if missing_ok:
+                return None
+            raise DatasetError(
+                f"{image}: defective image has no mask; expected {self.expected(image.stem)} "
+                "(or pass --allow-missing-masks to compute pixel metrics on the images that have "
+                "masks, or --masks none for image-level metrics only)"
+            )
         if len(found) > 1:
             names = ", ".join(p.name for p in found)
             raise DatasetError(
@@ -134,73 +178,130 @@ class _TreeLayout:
         n = self.normal_dir
         masks = "<stem>_mask.png" if self.strict_mvtec_masks else "<stem>[_mask].{png,bmp,jpg}"
         where = "<root>[/<category>]" if self.single_tree_root else "<root>/<category>"
-        return f"{where}/{{train/{n}, test/{n}, test/<defect>, ground_truth/<defect>/{masks}}}"
+        tree = f"{where}/{{train/{n}, test/{n}, test/<defect>, [ground_truth/<defect>/{masks}]}}"
+        if self.single_tree_root:
+            tree += f" or, flat, {where}/{{{n}, <defect>...}}"
+        return tree
 
-    def _is_tree(self, directory: Path) -> bool:
+    def _normal(self, options: ReadOptions) -> str:
+        return (options.normal_dir or self.normal_dir) if self.single_tree_root else self.normal_dir
+
+    def _is_tree(self, directory: Path, options: ReadOptions = DEFAULT_OPTIONS) -> bool:
         """A category holds normal images in ``train/<normal>`` or ``test/<normal>``."""
-        n = self.normal_dir
+        n = self._normal(options)
         return (directory / "train" / n).is_dir() or (directory / "test" / n).is_dir()
 
-    def _root_is_tree(self, root: Path) -> bool:
-        return self.single_tree_root and self._is_tree(root)
+    def _is_flat(self, directory: Path, options: ReadOptions) -> bool:
+        """Folder reader only: ``<category>/{<normal>, <defect>...}`` without train/ or test/."""
+        return (self.single_tree_root and (directory / self._normal(options)).is_dir()
+                and not (directory / "train").is_dir() and not (directory / "test").is_dir())
 
-    def list_categories(self, root: Path) -> list[str]:
-        if self._root_is_tree(root):
+    def _is_category(self, directory: Path, options: ReadOptions) -> bool:
+        return self._is_tree(directory, options) or self._is_flat(directory, options)
+
+    def _root_is_tree(self, root: Path, options: ReadOptions = DEFAULT_OPTIONS) -> bool:
+        return self.single_tree_root and self._is_category(root, options)
+
+    def list_categories(self, root: Path, options: ReadOptions = DEFAULT_OPTIONS) -> list[str]:
+        if self._root_is_tree(root, options):
             return [root.name]
-        return [d.name for d in _subdirs(root) if self._is_tree(d)]
+        return [d.name for d in _subdirs(root) if self._is_category(d, options)]
 
-    def category_dir(self, root: Path, category: str) -> Path:
-        return root if self._root_is_tree(root) else root / category
+    def category_dir(self, root: Path, category: str, options: ReadOptions = DEFAULT_OPTIONS) -> Path:
+        return root if self._root_is_tree(root, options) else root / category
 
-    def load(self, root: Path, categories: Sequence[str], splits: tuple[str, ...]) -> list[Sample]:
+    def load(self, root: Path, categories: Sequence[str], splits: tuple[str, ...],
+             options: ReadOptions = DEFAULT_OPTIONS) -> list[Sample]:
         samples: list[Sample] = []
         for category in categories:
-            cat_dir = self.category_dir(root, category)
+            cat_dir = self.category_dir(root, category, options)
+            if self._is_flat(cat_dir, options):
+                samples.extend(s for s in self._load_flat(cat_dir, category, options) if s.split in splits)
+                continue
             if "train" in splits:
-                samples.extend(self._load_train(cat_dir, category))
+                samples.extend(self._load_train(cat_dir, category, options))
             if "test" in splits:
-                samples.extend(self._load_test(cat_dir, category))
+                samples.extend(self._load_test(cat_dir, category, options))
         return samples
 
-    def _load_train(self, cat_dir: Path, category: str) -> list[Sample]:
+    def _load_flat(self, cat_dir: Path, category: str, options: ReadOptions) -> list[Sample]:
+        """Normals in ``<normal>/``, a seeded ``test_normals`` fraction of them held back for
+        testing (at least one each way); every other folder is a defect type."""
+        n = self._normal(options)
+        normal = cat_dir / n
+        images = _images_in(normal)
+        if len(images) < 2:
+            raise DatasetError(
+                f"{normal}: {len(images)} normal image(s); the flat layout needs at least 2 "
+                "(some to train on, some held back as test normals)"
+            )
+        n_test = min(len(images) - 1, max(1, round(options.test_normals * len(images))))
+        held = set(random.Random(f"{options.seed}:{category}").sample(range(len(images)), n_test))
+        samples = [Sample(p, None, category, GOOD, 0, "test" if i in held else "train")
+                   for i, p in enumerate(images)]
+        train = [s for s in samples if s.split == "train"]
+        test = [s for s in samples if s.split == "test"]
+        for defect_dir in _subdirs(cat_dir):
+            if defect_dir.name in (n, GROUND_TRUTH):
+                continue
+            test.extend(self._defect_samples(cat_dir, defect_dir, category, options))
+        if len(test) == n_test:
+            raise DatasetError(f"{cat_dir}: no defect folders; expected {n}/ and <defect>/ folders of images")
+        return train + test
+
+    def _defect_samples(self, cat_dir: Path, defect_dir: Path, category: str,
+                        options: ReadOptions) -> list[Sample]:
+        """Test samples of one defect folder, with masks from ``ground_truth/<defect>`` when
+        the category has masks and they are wanted."""
+        images = _images_in(defect_dir)
+        gt_root = cat_dir / GROUND_TRUTH
+        if options.masks == "none" or not gt_root.is_dir():
+            return [Sample(image, None, category, defect_dir.name, 1, "test") for image in images]
+        _unique_stems(images, defect_dir)
+        masks = _MaskIndex(gt_root / defect_dir.name, self.strict_mvtec_masks)
+        samples = []
+        for image in images:
+            mask = masks.find(image, missing_ok=options.allow_missing_masks)
+            if mask is not None:
+                _check_same_size(image, mask)
+            samples.append(Sample(image, mask, category, defect_dir.name, 1, "test"))
+        return samples
+
+    def _load_train(self, cat_dir: Path, category: str, options: ReadOptions = DEFAULT_OPTIONS) -> list[Sample]:
         train = cat_dir / "train"
-        normal = train / self.normal_dir
+        n = self._normal(options)
+        normal = train / n
         if not normal.is_dir():
             raise DatasetError(f"{normal}: missing; expected normal training images there ({self.layout})")
-        extra = [d.name for d in _subdirs(train) if d.name != self.normal_dir]
+        extra = [d.name for d in _subdirs(train) if d.name != n]
         if extra:
             raise DatasetError(
                 f"{train}: unexpected folders {extra}; training images must be normal, "
-                f"expected only {self.normal_dir}/"
+                f"expected only {n}/"
             )
         images = _images_in(normal)
         if not images:
             raise DatasetError(f"{normal}: no images (expected {sorted(IMAGE_EXTENSIONS)})")
         return [Sample(p, None, category, GOOD, 0, "train") for p in images]
 
-    def _load_test(self, cat_dir: Path, category: str) -> list[Sample]:
+    def _load_test(self, cat_dir: Path, category: str, options: ReadOptions = DEFAULT_OPTIONS) -> list[Sample]:
         test = cat_dir / "test"
+        n = self._normal(options)
         if not test.is_dir():
             raise DatasetError(
-                f"{test}: missing; expected test/{self.normal_dir} and test/<defect> ({self.layout})"
+                f"{test}: missing; expected test/{n} and test/<defect> ({self.layout})"
             )
         samples: list[Sample] = []
         for defect_dir in _subdirs(test):
-            images = _images_in(defect_dir)
-            if defect_dir.name == self.normal_dir:
-                samples.extend(Sample(p, None, category, GOOD, 0, "test") for p in images)
+            if defect_dir.name == n:
+                samples.extend(Sample(p, None, category, GOOD, 0, "test") for p in _images_in(defect_dir))
                 continue
             if defect_dir.name == GOOD:
                 raise DatasetError(
                     f"{defect_dir}: {GOOD!r} is not a defect name in this layout; "
-                    f"normal test images go in test/{self.normal_dir}"
+                    f"normal test images go in test/{n}"
                 )
-            _unique_stems(images, defect_dir)
-            masks = _MaskIndex(cat_dir / "ground_truth" / defect_dir.name, self.strict_mvtec_masks)
-            for image in images:
-                mask = masks.find(image)
-                _check_same_size(image, mask)
-                samples.append(Sample(image, mask, category, defect_dir.name, 1, "test"))
+            samples.extend(self._defect_samples(cat_dir, defect_dir, category, options))
         if not samples:
             raise DatasetError(f"{test}: no test images; expected them in test/<defect>/ ({self.layout})")
         return samples
@@ -245,11 +346,12 @@ def _inside_root(root: Path, rel: str, csv_line: str) -> Path:
     return Path(os.path.normpath(candidate))
 
 
-def _visa_list_categories(root: Path) -> list[str]:
+def _visa_list_categories(root: Path, options: ReadOptions = DEFAULT_OPTIONS) -> list[str]:
     return sorted({row["object"] for _, row in _visa_rows(root) if row["object"]})
 
 
-def _visa_load(root: Path, categories: Sequence[str], splits: tuple[str, ...]) -> list[Sample]:
+def _visa_load(root: Path, categories: Sequence[str], splits: tuple[str, ...],
+               options: ReadOptions = DEFAULT_OPTIONS) -> list[Sample]:
     csv_path = root / VISA_CSV
     wanted = set(categories)
     samples: list[Sample] = []
@@ -268,13 +370,16 @@ def _visa_load(root: Path, categories: Sequence[str], splits: tuple[str, ...]) -
         if not image.is_file():
             raise DatasetError(f"{where}: image {image} does not exist")
         mask: Path | None = None
-        if label == 1:
+        if label == 1 and options.masks != "none":
             if not row["mask"]:
-                raise DatasetError(f"{where}: anomalous image {image} has no mask; expected a mask path")
-            mask = _inside_root(root, row["mask"], where)
-            if not mask.is_file():
-                raise DatasetError(f"{where}: mask {mask} of image {image} does not exist")
-            _check_same_size(image, mask)
+                if not options.allow_missing_masks:
+                    raise DatasetError(f"{where}: anomalous image {image} has no mask; expected a mask path "
+                                       "(or --allow-missing-masks, or --masks none)")
+            else:
+                mask = _inside_root(root, row["mask"], where)
+                if not mask.is_file():
+                    raise DatasetError(f"{where}: mask {mask} of image {image} does not exist")
+                _check_same_size(image, mask)
         defect = VISA_DEFECT if label else GOOD
         samples.append(Sample(image, mask, row["object"], defect, label, row["split"]))
     # One category after another, train before test, as the tree readers return them.
@@ -311,13 +416,14 @@ def _synthetic_spec() -> DatasetSpec:
     """The synthetic dataset is written in the MVTec layout, with a manifest written last."""
     tree = _TreeLayout("synthetic", GOOD, strict_mvtec_masks=True, single_tree_root=False)
 
-    def list_categories(root: Path) -> list[str]:
+    def list_categories(root: Path, options: ReadOptions = DEFAULT_OPTIONS) -> list[str]:
         _require_finished_synthetic(root)
-        return tree.list_categories(root)
+        return tree.list_categories(root, options)
 
-    def load(root: Path, categories: Sequence[str], splits: tuple[str, ...]) -> list[Sample]:
+    def load(root: Path, categories: Sequence[str], splits: tuple[str, ...],
+             options: ReadOptions = DEFAULT_OPTIONS) -> list[Sample]:
         _require_finished_synthetic(root)
-        return tree.load(root, categories, splits)
+        return tree.load(root, categories, splits, options)
 
     return DatasetSpec("synthetic", f"{tree.layout} plus {SYNTHETIC_MANIFEST}", list_categories, load)
 
@@ -349,8 +455,8 @@ def _checked_root(root: str | os.PathLike[str]) -> Path:
     return path
 
 
-def _categories_of(spec: DatasetSpec, root: Path) -> list[str]:
-    found = spec.list_categories(root)
+def _categories_of(spec: DatasetSpec, root: Path, options: ReadOptions) -> list[str]:
+    found = spec.list_categories(root, options)
     if not found:
         hint = ""
         if (root / "train").is_dir() or (root / "test").is_dir():
@@ -362,10 +468,10 @@ def _categories_of(spec: DatasetSpec, root: Path) -> list[str]:
     return found
 
 
-def list_categories(name: str, root: str | os.PathLike[str]) -> list[str]:
+def list_categories(name: str, root: str | os.PathLike[str], options: ReadOptions | None = None) -> list[str]:
     """The categories of dataset ``name`` found under ``root``, sorted."""
     spec = _spec(name)
-    return sorted(_categories_of(spec, _checked_root(root)))
+    return sorted(_categories_of(spec, _checked_root(root), options or DEFAULT_OPTIONS))
 
 
 def load_dataset(
@@ -373,19 +479,22 @@ def load_dataset(
     root: str | os.PathLike[str],
     categories: str | Sequence[str] | None = None,
     split: str = "test",
+    options: ReadOptions | None = None,
 ) -> list[Sample]:
     """Read dataset ``name`` (``mvtec``, ``visa``, ``btad``, ``folder``, ``synthetic``) at ``root``.
 
     ``categories`` defaults to all found; ``split`` is ``"train"``, ``"test"`` or ``"all"``.
     Samples come category by category (in the order asked), train before test, files by
-    name. Raises :class:`DatasetError` for any malformed tree, naming the path.
+    name. ``options``: masks, missing masks, the flat layout (:class:`ReadOptions`). Raises
+    :class:`DatasetError` for any malformed tree, naming the path.
     """
     spec = _spec(name)
+    options = options or DEFAULT_OPTIONS
     if split not in SPLIT_CHOICES:
         raise DatasetError(f"split {split!r}; expected one of {list(SPLIT_CHOICES)}")
     splits = ("train", "test") if split == "all" else (split,)
     path = _checked_root(root)
-    available = _categories_of(spec, path)
+    available = _categories_of(spec, path, options)
     if categories is None:
         chosen = sorted(available)
     else:
@@ -398,4 +507,4 @@ def load_dataset(
             )
         if not chosen:
             raise DatasetError(f"{path}: no categories asked; available: {sorted(available)}")
-    return spec.load(path, chosen, splits)
+    return spec.load(path, chosen, splits, options)

@@ -21,8 +21,8 @@ class DatasetError(ValueError):
 class Sample:
     """One image of a dataset, with its ground truth.
 
-    ``mask_path`` is None for normal images (and for anomalous images of datasets that
-    provide no masks, which none of the supported readers accept). ``defect`` is
+    ``mask_path`` is None for normal images, and for anomalous images without a mask
+    (image-level-only datasets, or ``allow_missing_masks``): those count for image metrics only. ``defect`` is
     ``"good"`` exactly when ``label`` is 0, so a sample can never disagree with itself.
     """
 

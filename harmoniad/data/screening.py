@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from harmoniad.data import DatasetError, Sample, image_size, list_categories, load_dataset, read_image, read_mask
+from harmoniad.data import (DatasetError, ReadOptions, Sample, image_size, list_categories, load_dataset,
+                            read_image, read_mask)
 
 T = TypeVar("T")
 
@@ -140,7 +141,8 @@ class LoadedDataset:
 
 
 def load_categories(
-    dataset: str, root: str | os.PathLike[str], categories: Sequence[str] | None = None
+    dataset: str, root: str | os.PathLike[str], categories: Sequence[str] | None = None,
+    options: ReadOptions | None = None,
 ) -> LoadedDataset:
     """Train and test samples of each category, a malformed category kept aside with its error.
 
@@ -149,7 +151,7 @@ def load_categories(
     categories are still evaluated. A bad root, an unknown category, or every category
     malformed, raises.
     """
-    available = list_categories(dataset, root)
+    available = list_categories(dataset, root, options)
     chosen = list(dict.fromkeys(categories)) if categories else available
     unknown = [c for c in chosen if c not in available]
     if unknown:
@@ -159,7 +161,7 @@ def load_categories(
     broken: dict[str, str] = {}
     for category in chosen:
         try:
-            samples = load_dataset(dataset, root, [category], split="all")  # one read of the tree
+            samples = load_dataset(dataset, root, [category], split="all", options=options)  # one read
         except DatasetError as exc:
             broken[category] = printable(str(exc))
             if len(broken) == len(chosen):

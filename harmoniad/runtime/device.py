@@ -40,8 +40,61 @@ def autocast(device: torch.device, enabled: bool = True) -> Iterator[None]:
         yield
 
 
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError)
+def is_oom(exc: BaseException) -> bool:
+    """A device out-of-memory error: ``torch.OutOfMemoryError``, or the plain ``RuntimeError``
+    ("CUDA out of memory", "CUDA error: out of memory", cuDNN/cuBLAS alloc failures) that
+    older drivers and some kernels raise instead."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    if not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc).lower()
+    return any(sign in text for sign in ("out of memory", "cudnn_status_alloc_failed", "cublas_status_alloc_failed"))
+
+
+def batch_size_for(
+    device: torch.device,
+    bytes_per_item: int,
+    *,
+    default: int = 16,
+    minimum: int = 8,
+    maximum: int = 256,
+    fraction: float = 0.5,
+) -> int:
+    """Batch size from the device's free memory: ``fraction`` of it over ``bytes_per_item``.
+
+    Clamped to ``[minimum, maximum]`` and rounded down to a multiple of 8 (tensor-core
+    friendly). On the CPU, ``default`` (large batches buy nothing there and cost memory).
+    An estimate that is too large is caught by :class:`AdaptiveBatch`.
+    """
+    if device.type != "cuda":
+        return default
+    free, _ = torch.cuda.mem_get_info(device)
+    size = int(free * fraction) // max(1, bytes_per_item)
+    size = max(minimum, min(maximum, size))
+    return max(minimum, size - size % 8)
+
+
+def cast_for_inference(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The module ready for inference on ``device``: on CUDA its floating weights cast to bf16 once.
+
+    Under autocast, fp32 weights are re-cast to bf16 on every forward; a frozen network
+    used only for inference pays that for nothing. Norm layers keep fp32 weights (autocast
+    runs them in fp32 anyway). On the CPU the module itself is returned, unchanged.
+    """
+    return bf16_weights(module) if device.type == "cuda" else module
+
+
+def bf16_weights(module: torch.nn.Module) -> torch.nn.Module:
+    """Cast ``module``'s floating parameters to bf16 in place (norm layers excepted); returns it."""
+    norms = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._BatchNorm)
+    for sub in module.modules():
+        if isinstance(sub, norms):
+            continue
+        for name, param in list(sub.named_parameters(recurse=False)):
+            if param.is_floating_point():
+                setattr(sub, name, torch.nn.Parameter(param.detach().to(torch.bfloat16), requires_grad=False))
+    return module
 
 
 class AdaptiveBatch:
@@ -68,7 +121,7 @@ class AdaptiveBatch:
             try:
                 out.append(fn(start, stop))
             except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
-                if not _is_oom(exc) or self.size <= self.minimum:
+                if not is_oom(exc) or self.size <= self.minimum:
                     raise
                 oom = True
             if oom:

@@ -15,6 +15,9 @@ import contextlib
 import datetime
 import logging
 import os
+import sys
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -88,15 +91,64 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+#: Seconds a failed worker may take to exit on its own before it is ended (``os._exit``).
+EXIT_GRACE_S = 5.0
+
+
 @contextlib.contextmanager
-def session(backend: str | None = None) -> Iterator[bool]:
-    """``with session():`` joins the torchrun group (if launched by torchrun) and leaves it after."""
+def session(backend: str | None = None, *, exit_grace_s: float = EXIT_GRACE_S) -> Iterator[bool]:
+    """``with session():`` joins the torchrun group (if launched by torchrun) and leaves it after.
+
+    A failure that leaves the block (an exception, Ctrl-C, a dashboard cancel) stops this
+    worker fast, so ``torchrun`` sees it exit and stops the other ranks within seconds
+    instead of leaving them waiting at their next collective (:func:`fail_fast`).
+    """
     active = init(backend)
+    failed = False
     try:
         yield active
+    except BaseException as exc:
+        failed = active and not (isinstance(exc, SystemExit) and exc.code in (0, None))
+        if failed:
+            fail_fast(exc, exit_grace_s)
+        raise
     finally:
-        if active:
+        if active and not failed:
             cleanup()
+
+
+def fail_fast(exc: BaseException, grace_s: float = EXIT_GRACE_S) -> None:
+    """After a failure on this rank: leave the process group at once and make sure the process exits.
+
+    - the group is aborted (NCCL: pending collectives are dropped, not waited for) or, for
+      gloo, destroyed, which closes its connections, so peers blocked in a collective fail
+      right away instead of at the group's timeout;
+    - a daemon watchdog ends the process ``grace_s`` seconds later if it is still alive:
+      a non-daemon thread, a decode worker or a stuck driver call must not keep a failed
+      rank around, because ``torchrun`` stops the other ranks only once one has exited.
+    The exception itself is still raised by the caller, so the normal error reporting runs.
+    """
+    code = 130 if isinstance(exc, KeyboardInterrupt) else 1
+    log.error("rank %d of %d failed (%s: %s); leaving the job", rank(), world_size(), type(exc).__name__, exc)
+
+    def _end() -> None:
+        time.sleep(grace_s)
+        log.error("rank %d still running %.0f s after its failure; exiting with code %d", rank(), grace_s, code)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+    threading.Thread(target=_end, name="harmoniad-exit-watchdog", daemon=True).start()
+    if not is_initialized():
+        return
+    try:
+        if dist.get_backend() == "nccl":
+            dist.distributed_c10d._abort_process_group()
+        else:
+            dist.destroy_process_group()
+    except Exception as err:  # noqa: BLE001 - best effort: the watchdog still ends the process
+        log.warning("could not leave the process group cleanly after the failure: %s", err)
 
 
 def is_initialized() -> bool:
@@ -286,6 +338,7 @@ __all__ = [
     "broadcast_object",
     "cleanup",
     "device",
+    "fail_fast",
     "gather_object",
     "gather_shards",
     "init",

@@ -34,6 +34,7 @@ category (NaN) are stored as NULL and come back as NaN.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -234,6 +235,7 @@ class ResultStore:
         masks: np.ndarray | None = None,
         seconds: float | None = None,
         skipped: Iterable[tuple[str, str]] = (),
+        details: Mapping[str, Any] | None = None,
     ) -> None:
         """Store one category's metrics, per-image table and maps (replacing an earlier record).
 
@@ -244,10 +246,14 @@ class ResultStore:
         ``maps`` are ``name -> (N, R, R)`` at the run's resolution (e.g. ``anomaly``,
         ``high``, ``low``); ``masks`` is ``(N, R, R)`` bool ground truth. ``skipped`` lists
         the category's test files left out as unusable, as ``(path, reason)`` pairs.
+        ``details`` (JSON-safe) holds what is not one number per category: per-defect-type
+        results, bootstrap intervals, thresholds (:mod:`harmoniad.analysis`; read back with
+        :meth:`load_details`, :meth:`load_defects`, :meth:`load_intervals`, :meth:`load_thresholds`).
         """
         info = self._require_running(run_id)
         category = _check_category(info, category)
         flat = flatten_metrics(metrics)
+        details_json = None if details is None else to_json(dict(details), "details")
         table = images_table(images, category)
         n = len(table)
         arrays = check_maps(maps or {}, masks, n, info.resolution, where=f"run {run_id} category {category!r}")
@@ -288,6 +294,7 @@ class ResultStore:
                     maps_file=maps_rel,
                 )
                 self._replace_skipped(con, run_id, category, skipped)
+                self._replace_details(con, run_id, category, details_json)
         except BaseException:
             for rel in (images_rel, maps_rel):
                 with contextlib.suppress(FileNotFoundError):
@@ -332,6 +339,7 @@ class ResultStore:
                 maps_file=None,
             )
             self._replace_skipped(con, run_id, category, skipped)
+            self._replace_details(con, run_id, category, None)
         for rel in old_files:
             with contextlib.suppress(FileNotFoundError):
                 (self.root / run_id / rel).unlink()
@@ -352,11 +360,24 @@ class ResultStore:
                 rows,
             )
 
+    def set_run_details(self, run_id: str, details: Mapping[str, Any]) -> None:
+        """Merge run-level results (JSON-safe, e.g. intervals of the mean) into the run's details."""
+        with self._connect(write=True) as con:
+            self._require_running(run_id, con)
+            row = con.execute("SELECT details FROM run_details WHERE run_id = ?", (run_id,)).fetchone()
+            merged = {**({} if row is None else json.loads(row["details"])), **dict(details)}
+            con.execute("INSERT OR REPLACE INTO run_details (run_id, details) VALUES (?, ?)",
+                        (run_id, to_json(merged, "run details")))
+
     def finish_run(self, run_id: str) -> None:
-        """Mark the run ``complete``; every category must have been added or failed."""
+        """Close the run: ``complete``, or ``failed`` when every category failed (the error
+        names the first failure). Every category must have been added or failed."""
         with self._connect(write=True) as con:
             info = self._require_running(run_id, con)
-            done = {r[0] for r in con.execute("SELECT category FROM category_metrics WHERE run_id = ?", (run_id,))}
+            done = {
+                r[0]: (r[1], r[2])
+                for r in con.execute("SELECT category, status, error FROM category_metrics WHERE run_id = ?", (run_id,))
+            }
             missing = [c for c in info.categories if c not in done]
             if missing:
                 raise RunStateError(
@@ -364,6 +385,14 @@ class ResultStore:
                     "(record them, or call fail_run)"
                 )
             now = now_iso()
+            failed = [c for c in info.categories if done[c][0] == "failed"]
+            if info.categories and len(failed) == len(info.categories):
+                first = (done[failed[0]][1] or "no reason recorded").strip().splitlines()[0]
+                con.execute(
+                    "UPDATE runs SET status = 'failed', error = ?, finished = ?, updated = ? WHERE id = ?",
+                    (f"every category failed; {failed[0]}: {first}", now, now, run_id),
+                )
+                return
             con.execute(
                 "UPDATE runs SET status = 'complete', finished = ?, updated = ? WHERE id = ?",
                 (now, now, run_id),
@@ -509,6 +538,74 @@ class ResultStore:
             "skipped": skipped.to_dict("records"),
         }
 
+    # ------------------------------------------------------------------ details (issue 12)
+    def load_details(self, run_id: str) -> dict[str, dict[str, Any]]:
+        """``category -> details`` of the run's ``ok`` categories (empty for runs stored without)."""
+        with self._connect() as con:
+            self._get(con, run_id)
+            rows = con.execute("SELECT category, details FROM category_details WHERE run_id = ?", (run_id,)).fetchall()
+        return {r["category"]: json.loads(r["details"]) for r in rows}
+
+    def load_run_details(self, run_id: str) -> dict[str, Any]:
+        """Run-level results (e.g. ``mean_intervals``, ``thresholds_from``); {} if none."""
+        with self._connect() as con:
+            self._get(con, run_id)
+            row = con.execute("SELECT details FROM run_details WHERE run_id = ?", (run_id,)).fetchone()
+        return {} if row is None else json.loads(row["details"])
+
+    def load_defects(self, run_id: str) -> pd.DataFrame:
+        """Per-defect-type results: ``category, defect, n, n_masked, image_auroc, pixel_auroc,
+        aupro`` (that type's images against all normals of the category; NaN: not available)."""
+        from harmoniad.store.details import defects_frame
+
+        return defects_frame(self.get_run(run_id), self.load_details(run_id))
+
+    def load_intervals(self, run_id: str) -> pd.DataFrame:
+        """Bootstrap intervals: ``category`` (``"mean"`` for the mean over categories),
+        ``metric``, ``estimate``, ``low``, ``high``, ``level``, ``n_resamples``."""
+        from harmoniad.store.details import intervals_frame
+
+        return intervals_frame(self.get_run(run_id), self.load_metrics(run_id), self.load_details(run_id),
+                               self.load_run_details(run_id))
+
+    def load_thresholds(self, run_id: str) -> pd.DataFrame:
+        """Operating points per category: ``rule`` (``fpr``, ``max``: fitted on held-out
+        training normals; ``oracle``: F1-max on the test labels), ``label``, ``value``,
+        ``target_fpr``, ``n_normals``, ``tp, fp, tn, fn, precision, recall, fpr`` on the test set."""
+        from harmoniad.store.details import thresholds_frame
+
+        return thresholds_frame(self.get_run(run_id), self.load_details(run_id))
+
+    def run_json(self, run_id: str) -> dict[str, Any]:
+        """The machine-readable view of a run (``runs show --json``; schema in the README)."""
+        from harmoniad.store.details import run_json
+
+        return run_json(self, run_id)
+
+    def paired_test(self, run_a: str, run_b: str, *, pixel: bool = False, n_resamples: int = 1000,
+                    seed: int = 0) -> pd.DataFrame:
+        """Compare two runs on the images they share, per category: DeLong's test of image
+        AUROC from the stored scores, and with ``pixel`` a paired bootstrap of pixel AUROC
+        and AUPRO from the stored maps (float16 maps: use float16 map precision)."""
+        from harmoniad.store.details import paired_test
+
+        return paired_test(self, run_a, run_b, pixel=pixel, n_resamples=n_resamples, seed=seed)
+
+    def seed_summary(self, run_ids: Sequence[str]) -> pd.DataFrame:
+        """Mean ± sd of every metric over runs that differ only in their seed (same method,
+        dataset and request otherwise): ``category`` (and ``"mean"``), ``metric``, ``mean``,
+        ``sd``, ``n``."""
+        from harmoniad.store.details import seed_summary
+
+        return seed_summary(self, list(run_ids))
+
+    def friedman(self, run_ids: Sequence[str], metric: str = "image_auroc", alpha: float = 0.05) -> dict[str, Any]:
+        """Friedman test over shared categories for three or more runs (one per method), with
+        average ranks, Nemenyi's critical difference and the cliques of a CD diagram."""
+        from harmoniad.store.details import friedman
+
+        return friedman(self, list(run_ids), metric, alpha)
+
     def metrics_table(
         self,
         *,
@@ -623,6 +720,13 @@ class ResultStore:
 
         return export_csv(self, run_id, directory)
 
+    def export_details_csv(self, run_id: str, directory: str | os.PathLike[str]) -> list[Path]:
+        """Write the run's per-defect results, thresholds and skipped files as CSV
+        (:func:`.export.export_details_csv`)."""
+        from harmoniad.store.export import export_details_csv
+
+        return export_details_csv(self, run_id, directory)
+
     # ------------------------------------------------------------------ stale runs
     def reap_interrupted(self) -> list[str]:
         """Mark ``running`` runs whose writer process died (on this host) as failed; return their ids."""
@@ -681,6 +785,13 @@ class ResultStore:
             "INSERT OR REPLACE INTO skipped_files (run_id, split, category, path, reason) VALUES (?, 'test', ?, ?, ?)",
             [(run_id, category, str(path), str(reason)) for path, reason in files],
         )
+
+    @staticmethod
+    def _replace_details(con: sqlite3.Connection, run_id: str, category: str, details_json: str | None) -> None:
+        con.execute("DELETE FROM category_details WHERE run_id = ? AND category = ?", (run_id, category))
+        if details_json is not None:
+            con.execute("INSERT INTO category_details (run_id, category, details) VALUES (?, ?, ?)",
+                        (run_id, category, details_json))
 
     @staticmethod
     def _upsert_category(

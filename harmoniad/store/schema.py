@@ -2,6 +2,10 @@
 
 Metric units: every metric is a fraction in [0, 1]; an undefined metric (NaN) is stored as
 NULL and comes back as NaN.
+
+Version 3 adds ``category_details`` (per-defect results, intervals, thresholds of a category,
+JSON) and ``run_details`` (run-level results such as the intervals of the mean, JSON); an
+older index gets the new tables in place, its runs simply have no details.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import numpy as np
 from harmoniad import __version__
 from harmoniad.runtime.paths import REPO_ROOT
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Run statuses. A run killed mid-way is ``failed`` with an error starting ``interrupted:``.
 RUN_STATUSES = ("running", "complete", "failed")
 CATEGORY_STATUSES = ("ok", "failed")
@@ -136,6 +140,16 @@ CREATE TABLE IF NOT EXISTS skipped_files (
     path TEXT NOT NULL,
     reason TEXT NOT NULL,
     PRIMARY KEY (run_id, split, path)
+);
+CREATE TABLE IF NOT EXISTS category_details (
+    run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+    category TEXT NOT NULL,
+    details TEXT NOT NULL,
+    PRIMARY KEY (run_id, category)
+);
+CREATE TABLE IF NOT EXISTS run_details (
+    run_id TEXT PRIMARY KEY REFERENCES runs (id) ON DELETE CASCADE,
+    details TEXT NOT NULL
 );
 """
 

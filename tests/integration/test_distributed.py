@@ -318,3 +318,41 @@ def _worker(data: str, work: str) -> None:
 
 if __name__ == "__main__":
     _worker(*sys.argv[1:3])
+
+
+def test_oom_is_recognised_in_both_forms_and_nothing_else():
+    from harmoniad.runtime.device import is_oom
+
+    assert is_oom(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    # Older drivers / some kernels: a plain RuntimeError.
+    assert is_oom(RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB (GPU 0; 79.15 GiB total)"))
+    assert is_oom(RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported"))
+    assert is_oom(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+    assert not is_oom(RuntimeError("CUDA error: device-side assert triggered"))
+    assert not is_oom(ValueError("out of memory"))  # not a device error type
+
+    calls = []
+
+    def work(start: int, stop: int) -> list[int]:
+        calls.append(stop - start)
+        if stop - start > 3:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return list(range(start, stop))
+
+    chunks = AdaptiveBatch(8)
+    assert [i for part in chunks.run(8, work) for i in part] == list(range(8))
+    assert chunks.size == 2 and calls[:3] == [8, 4, 2]
+
+
+def test_batch_size_from_free_memory(monkeypatch):
+    from harmoniad.runtime.device import batch_size_for
+
+    assert batch_size_for(torch.device("cpu"), 10**6, default=24) == 24
+    gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (140 * gib, 141 * gib))
+    cuda = torch.device("cuda", 0)
+    # An H200's free memory and ~300 MiB per image (ViT-L-14-336 + heads, bf16): 64..256.
+    assert batch_size_for(cuda, 300 << 20, minimum=64, maximum=256) == 232
+    assert batch_size_for(cuda, 10 << 20, minimum=64, maximum=256) == 256
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * gib, 141 * gib))
+    assert batch_size_for(cuda, 300 << 20, minimum=64, maximum=256) == 64  # a busy GPU: OOM halving takes over

@@ -23,7 +23,7 @@ STAGES = (
     ("maps", ("harmoniad.maps",)),
     ("train", ("harmoniad.train",)),
     ("methods", ("harmoniad.methods",)),
-    ("metrics", ("harmoniad.metrics", "harmoniad.stats", "harmoniad.thresholds")),
+    ("metrics", ("harmoniad.metrics", "harmoniad.stats", "harmoniad.thresholds", "harmoniad.analysis")),
     ("store", ("harmoniad.store",)),
     ("evaluate", ("harmoniad.evaluate",)),
     ("interfaces", ("harmoniad.cli", "harmoniad.__main__", "harmoniad.demo", "harmoniad.visualize", "dashboard",

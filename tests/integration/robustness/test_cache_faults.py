@@ -215,7 +215,8 @@ def test_a_writer_killed_mid_transaction_leaves_a_sound_index(tmp_path: Path) ->
     again = store.create_run(method="m", dataset="d", root="/d", categories=["a"], resolution=8, code_version="t")
     store.fail_category(again, "a", "nothing to see")
     store.finish_run(again)
-    assert store.get_run(again).status == "complete"
+    info = store.get_run(again)  # its only category failed: the run failed (issue 12)
+    assert info.status == "failed" and info.error == "every category failed; a: nothing to see"
 
 
 def test_a_version_1_index_is_upgraded_in_place(tmp_path: Path) -> None:

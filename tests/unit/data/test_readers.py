@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -177,14 +178,21 @@ def test_two_images_with_one_stem_are_ambiguous(tmp_path: Path) -> None:
         load_dataset("mvtec", tmp_path)
 
 
-def test_unreadable_or_oversized_defective_image_is_refused_at_load(tmp_path: Path) -> None:
+def test_unreadable_or_oversized_defective_image_is_left_to_screening(tmp_path: Path) -> None:
+    """One bad defective image is that file's fault, not the tree's: the reader returns it
+    and screening leaves it out with the reason (it used to refuse the whole category)."""
+    from harmoniad.data.screening import Screen
+
     cat = _mvtec_category(tmp_path)
-    (cat / "test" / "hole" / "000.png").write_bytes(b"garbage")
-    with pytest.raises(DatasetError, match=r"hole/000\.png.*not a readable image"):
-        load_dataset("mvtec", tmp_path)
-    _png_with_header(cat / "test" / "hole" / "000.png", 9000, 9000)
-    with pytest.raises(DatasetError, match=r"hole/000\.png.*over the limit"):
-        load_dataset("mvtec", tmp_path)
+    bad = cat / "test" / "hole" / "000.png"
+    for write, reason in ((lambda: bad.write_bytes(b"garbage"), r"hole/000\.png.*not a readable image"),
+                          (lambda: bad.write_bytes(b""), r"hole/000\.png.*not a readable image"),
+                          (lambda: _png_with_header(bad, 9000, 9000), r"hole/000\.png.*over the limit")):
+        write()
+        samples = load_dataset("mvtec", tmp_path)
+        assert len(samples) == 5 and bad in [s.image_path for s in samples]
+        kept, [skipped] = Screen().keep(samples)
+        assert len(kept) == 4 and re.search(reason, skipped.reason)
 
 
 def test_truncated_image_is_refused_when_read(tmp_path: Path) -> None:
