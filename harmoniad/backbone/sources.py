@@ -34,15 +34,26 @@ if TYPE_CHECKING:
 
 @runtime_checkable
 class FeatureSource(Protocol):
-    """Features of N images: ``load(indices)`` or ``batches(size)`` -> per layer ``B x C x h x w``."""
+    """Features of N images: ``load(indices)`` -> per layer ``B x C x h x w``.
+
+    A source may also offer ``batches(batch_size)``, the features in order, when it can work
+    ahead (:class:`BackboneSource` decodes the next images meanwhile); :func:`in_order` uses it.
+    """
 
     def __len__(self) -> int: ...
 
     def load(self, indices: Sequence[int]) -> list[torch.Tensor]: ...
 
-    def batches(self, batch_size: int) -> Iterator[list[torch.Tensor]]: ...
-
     def describe(self) -> dict[str, Any]: ...
+
+
+def in_order(source: FeatureSource, batch_size: int) -> Iterator[list[torch.Tensor]]:
+    """The features of images ``0..N-1`` of ``source`` in order, ``batch_size`` at a time."""
+    own = getattr(source, "batches", None)
+    if own is not None:
+        yield from own(batch_size)
+        return
+    yield from IndexedSource.batches(source, batch_size)  # type: ignore[arg-type]
 
 
 class IndexedSource:

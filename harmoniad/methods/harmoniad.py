@@ -23,7 +23,7 @@ import torch
 
 from harmoniad.backbone import Backbone, BackboneConfig
 from harmoniad.backbone.cache import FeatureCache
-from harmoniad.backbone.sources import FeatureSource, source_for
+from harmoniad.backbone.sources import FeatureSource, in_order, source_for
 from harmoniad.data import Sample
 from harmoniad.maps import FinalMaps, Prediction, ScoreConfig, finalize_maps, prediction_from
 from harmoniad.methods.base import Context, Method
@@ -129,7 +129,7 @@ class Scorer:
         """Every image of ``source``, in order -> Prediction (maps moved to the host per batch)."""
         meter = Progress("score", len(source), progress)
         parts = []
-        for feats in source.batches(self.batch_size):
+        for feats in in_order(source, self.batch_size):
             parts.append(self.score_features(feats))
             meter.update(int(feats[0].shape[0]))
         return prediction_from(parts)

@@ -58,3 +58,21 @@ def test_a_subset_is_a_view_on_the_parent_indices() -> None:
 def test_source_for_refuses_what_is_not_a_feature_provider(images: list[Path]) -> None:
     with pytest.raises(TypeError, match="FeatureCache or a Backbone"):
         source_for(object(), images)  # type: ignore[arg-type]
+
+
+def test_a_source_with_only_load_is_read_in_order() -> None:
+    from harmoniad.backbone.sources import FeatureSource, in_order
+
+    class Minimal:  # the protocol's three methods, nothing inherited
+        def __len__(self) -> int:
+            return 5
+
+        def load(self, indices):
+            return [torch.tensor(list(indices), dtype=torch.float32).reshape(-1, 1, 1, 1)]
+
+        def describe(self):
+            return {}
+
+    assert isinstance(Minimal(), FeatureSource)
+    got = torch.cat([b[0] for b in in_order(Minimal(), 2)]).flatten().tolist()
+    assert got == [0.0, 1.0, 2.0, 3.0, 4.0]
