@@ -47,6 +47,7 @@ def _free_port() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timeout-min", type=float, default=20.0)
+    parser.add_argument("--first-only", action="store_true", help="stop once the first results are on screen")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="harmoniad-first-start-") as tmp:
@@ -82,6 +83,13 @@ def main() -> None:
                 print(f"server start -> Overview rendered:          {time.monotonic() - t0:7.1f} s", flush=True)
                 page.locator('[data-testid="stProgress"]').first.wait_for(timeout=60_000)
                 print(f"server start -> demo progress bar shown:    {time.monotonic() - t0:7.1f} s", flush=True)
+                page.get_by_text("Values in percent").first.wait_for(timeout=int(args.timeout_min * 60_000))
+                t_first = time.monotonic() - t0
+                print(f"server start -> first measured results:     {t_first:7.1f} s", flush=True)
+                page.screenshot(path=str(OUT / "first-start-first-results.png"), full_page=True)
+                if args.first_only:
+                    browser.close()
+                    return
                 page.wait_for_timeout(20_000)
                 page.screenshot(path=str(OUT / "first-start-demo-running.png"))
                 try:

@@ -14,7 +14,25 @@ from dashboard import bootstrap, jobs, nav, state
 from harmoniad.store import StoreError
 
 
+FOLLOWED_KEY = "_followed_runs"
+
+
+def _follow_finished_runs() -> None:
+    """Select a run that a job (the demo, an evaluation) has just finished, so the sidebar and
+    every page move to the newest results instead of staying on an older run."""
+    seen: set[str] = st.session_state.setdefault(FOLLOWED_KEY, set())
+    finished = [r for job in jobs.board().all(state.store_path()) for r in job.snapshot().closed_runs if r not in seen]
+    if not finished:
+        return
+    seen.update(finished)
+    complete = state.list_runs(status="complete")
+    newest = [r for r in finished if r in set(complete["id"])]
+    if newest:
+        state.select_run(newest[-1])
+
+
 def _sidebar() -> None:
+    _follow_finished_runs()
     with st.sidebar:
         st.markdown("### HarmoniAD")
         st.caption("Frequency-guided anomaly detection on frozen CLIP features.")

@@ -135,7 +135,7 @@ def demo_panel(store: ResultStore) -> None:
         st.info(
             "**First start: running the offline demo.** HarmoniAD generates a small synthetic "
             f"dataset and evaluates {names} on a tiny CLIP backbone with **random weights** (no "
-            "download). Results appear as each method finishes; the numbers only show that the "
+            "download). Results appear as each category is scored, fastest methods first; the numbers only show that the "
             "pipeline works, not how good a method is.",
             icon=":material/rocket_launch:",
         )

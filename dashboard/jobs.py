@@ -268,6 +268,13 @@ class JobBoard:
         with self._lock:
             return self._jobs.get(job_id)
 
+    def all(self, store_root: Path | None = None) -> list[Job]:
+        """Every job of this process, running or ended (optionally only those writing to ``store_root``)."""
+        with self._lock:
+            jobs = list(self._jobs.values())
+        root = None if store_root is None else Path(store_root).resolve()
+        return [j for j in jobs if root is None or j.store_root.resolve() == root]
+
     def running(self, store_root: Path | None = None) -> list[Job]:
         """Jobs still running (optionally only those writing to ``store_root``), oldest first."""
         with self._lock:
@@ -355,6 +362,13 @@ def show_ended(snap: JobSnapshot) -> None:
             st.code(snap.error or "", language=None)
 
 
+def _landed(snap: JobSnapshot) -> tuple[int, int]:
+    """What the pages can show so far: runs closed, and evaluation units (fits, categories) done.
+    A change reruns the app, so each category appears as soon as it is stored."""
+    done = snap.overall.done if snap.overall is not None and snap.overall.task == "evaluate" else 0
+    return len(snap.closed_runs), done
+
+
 def show_job(job: Job, *, allow_cancel: bool = True, key: str | None = None) -> None:
     """Draw ``job``; while it runs, poll it every second and rerun the app when a run lands or it ends."""
     key = key or job.id
@@ -363,12 +377,12 @@ def show_job(job: Job, *, allow_cancel: bool = True, key: str | None = None) -> 
         show_ended(snap)
         return
     seen_key = f"_job_seen_{key}"
-    st.session_state[seen_key] = len(snap.closed_runs)
+    st.session_state[seen_key] = _landed(snap)
 
     @st.fragment(run_every=POLL_S)
     def poll() -> None:
         now = job.snapshot()
-        if not now.running or len(now.closed_runs) != st.session_state.get(seen_key):
+        if not now.running or _landed(now) != st.session_state.get(seen_key):
             st.rerun()  # whole app: new results to show
         _draw(now, allow_cancel=allow_cancel, key=key)
 

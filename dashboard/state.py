@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -117,24 +118,34 @@ def run_label(row: pd.Series | RunInfo) -> str:
     get = row.get if isinstance(row, pd.Series) else lambda k, d=None: getattr(row, k, d)
     created = str(get("created", ""))[:16].replace("T", " ")
     flag = " · random weights" if get("random_weights", False) else ""
-    return f"{get('method')} · {get('dataset')} · {created} · {get('status')}{flag}"
+    status = get("status")
+    if status == "running" and isinstance(row, pd.Series):
+        status = f"running, {row.get('n_ok', 0)}/{len(row.get('categories', ()))} categories"
+    return f"{get('method')} · {get('dataset')} · {created} · {status}{flag}"
 
 
 def run_picker(
-    label: str = "Run", *, status: str | tuple[str, ...] | None = "complete", key: str = "run_picker"
+    label: str = "Run", *, status: str | tuple[str, ...] | None = ("complete", "running"), key: str = "run_picker"
 ) -> RunInfo | None:
     """A selectbox over stored runs that keeps the app-wide selection; None if there are none.
 
     Several pickers (the sidebar's, a page's) stay in step: each shows the app-wide run, and
     a change in any of them becomes the app-wide run (in a callback, before the next run of
     the script, so no other picker can overwrite it with its stale value). Runs that stored
-    no category (e.g. failed at once) are left out: there is nothing to show for them.
+    no category (e.g. failed at once, or just started) are left out: there is nothing to show
+    for them; a running run appears with its first stored category (results as they land).
     """
     runs = list_runs(status=status) if status else list_runs()
     if not runs.empty:
         runs = runs[(runs["status"] == "complete") | (runs["n_ok"] > 0)]
     if runs.empty:
-        st.info("No runs yet. Start one on the **Run** page (the synthetic demo needs no download).")
+        from dashboard import jobs  # late: jobs imports the evaluation stack
+
+        if jobs.board().running(store_path()):
+            st.info("Work is running: its first results appear here as soon as a category is scored.",
+                    icon=":material/hourglass_top:")
+        else:
+            st.info("No runs yet. Start one on the **Run** page (the synthetic demo needs no download).")
         return None
     ids = list(runs["id"])
     current = selected_run_id()
@@ -198,3 +209,65 @@ def weights_banner(infos: RunInfo | list[RunInfo] | pd.DataFrame) -> None:
             "about how well a method detects anomalies. Provide pretrained weights for real numbers.",
             icon=":material/warning:",
         )
+
+
+@st.cache_data(show_spinner="Reading this category's maps...", max_entries=32)
+def load_category_maps(path: str, run_id: str, updated: str, indices: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(masks, anomaly maps) of the given images, stacked (for pixel curves); read straight from
+    the store, not through the per-image cache, so a whole category does not crowd it out."""
+    store = _store(path)
+    maps = [store.load_maps(run_id, i) for i in indices]
+    anomaly = np.stack([m["anomaly"] for m in maps])
+    masks = np.stack([m.get("mask", np.zeros(m["anomaly"].shape, bool)) for m in maps])
+    return masks, anomaly
+
+
+def category_maps(info: RunInfo, indices: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    return load_category_maps(str(store_path()), info.id, info.updated, tuple(int(i) for i in indices))
+
+
+def select_defect(category: str | None, defect: str | None) -> None:
+    """Remember a defect type (clicked on Overview or Compare) for Failure cases and Inspect."""
+    st.session_state[nav.DEFECT_KEY] = (category, defect) if category and defect else None
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def load_thresholds(path: str, run_id: str, updated: str) -> pd.DataFrame:
+    return _store(path).load_thresholds(run_id)
+
+
+def fitted_thresholds(info: RunInfo) -> dict:
+    """``category -> harmoniad.operating.Fitted``: the thresholds the run fitted on held-out normals."""
+    from harmoniad.operating import fitted_thresholds as from_table
+
+    return from_table(load_thresholds(str(store_path()), info.id, info.updated))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def load_defects(path: str, run_id: str, updated: str) -> pd.DataFrame:
+    return _store(path).load_defects(run_id)
+
+
+def run_defects(info: RunInfo) -> pd.DataFrame:
+    """Per-defect-type results the evaluation stored (``ResultStore.load_defects``)."""
+    return load_defects(str(store_path()), info.id, info.updated)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def load_intervals(path: str, run_id: str, updated: str) -> pd.DataFrame:
+    return _store(path).load_intervals(run_id)
+
+
+def run_intervals(info: RunInfo) -> pd.DataFrame:
+    """Bootstrap intervals the evaluation stored (``ResultStore.load_intervals``)."""
+    return load_intervals(str(store_path()), info.id, info.updated)
+
+
+@st.cache_data(show_spinner="Running the paired tests...", max_entries=64)
+def load_paired_test(path: str, run_a: str, updated_a: str, run_b: str, updated_b: str) -> pd.DataFrame:
+    return _store(path).paired_test(run_a, run_b)
+
+
+def paired_test(a: RunInfo, b: RunInfo) -> pd.DataFrame:
+    """DeLong's test per category of two runs on the images they share (``ResultStore.paired_test``)."""
+    return load_paired_test(str(store_path()), a.id, a.updated, b.id, b.updated)

@@ -338,8 +338,19 @@ def cmd_runs(args: argparse.Namespace) -> int:
             print(f"error: {info.error}")
         _print_metrics(store, info.id)
     elif args.action == "export":
-        for path in [*store.export_csv(args.run_id, args.out), *store.export_details_csv(args.run_id, args.out)]:
-            print(path)
+        args.out.mkdir(parents=True, exist_ok=True)
+        if args.format == "html":
+            from harmoniad.report import write_report
+
+            name = args.run_ids[0] if len(args.run_ids) == 1 else f"comparison-{args.run_ids[0]}-{len(args.run_ids)}runs"
+            print(write_report(store, args.run_ids, args.out / f"{name}.html"))
+            return 0
+        from harmoniad.store.export import export_json
+
+        for run_id in args.run_ids:
+            for path in ([*store.export_csv(run_id, args.out), *store.export_details_csv(run_id, args.out)]
+                         if args.format == "csv" else [export_json(store, run_id, args.out)]):
+                print(path)
     elif args.action == "delete":
         store.delete_run(args.run_id, force=args.force)
         print(f"deleted {args.run_id}")
@@ -381,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--image-score", choices=["top_mean", "max"], default="top_mean")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per batch (default: from free GPU memory, 64-256; 16 on the CPU)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threshold", choices=["fpr", "max", "none"], default="fpr",
                    help="stored threshold to apply (fitted by evaluate on held-out training normals: "
@@ -416,8 +428,13 @@ def build_parser() -> argparse.ArgumentParser:
     q = rs.add_parser("show", help="one run: status, per-category metrics, skipped files")
     q.add_argument("run_id")
     q.add_argument("--json", action="store_true", help="print one JSON object (schema in the README)")
-    q = rs.add_parser("export", help="write metrics and per-image scores as CSV")
-    q.add_argument("run_id")
+    q = rs.add_parser("export", help="write a run's results as CSV tables, JSON, or a self-contained HTML report")
+    q.add_argument("run_ids", nargs="+", metavar="RUN_ID",
+                   help="the run(s); with --format html, several runs make one comparison report")
+    q.add_argument("--format", choices=["csv", "html", "json"], default="csv",
+                   help="csv: metrics, per-image scores and the run record; json: record and metrics in one file; "
+                        "html: report with tables, charts, intervals, per-defect results and worst failures "
+                        "(needs plotly: pip install 'harmoniad[dashboard]')")
     q.add_argument("--out", type=Path, default=Path("."))
     q = rs.add_parser("delete", help="remove a run and its files")
     q.add_argument("run_id")

@@ -36,6 +36,7 @@ from harmoniad.stats import LEVEL
 from harmoniad.thresholds import save_checkpoint_thresholds
 from harmoniad.runtime.progress import Cancelled, Progress, ProgressEvent, ProgressFn, print_progress, silent
 from harmoniad.data.screening import Screen, SkippedFile, load_categories
+from harmoniad.runtime.background import BackgroundWriter
 from harmoniad.store import ResultStore
 
 
@@ -129,6 +130,49 @@ def category_metrics(labels: np.ndarray, pred: Prediction, masks: np.ndarray) ->
     return {**image_part(labels, pred.scores), **pixel_part(masks, pred.maps)}
 
 
+def record_category(
+    store: ResultStore,
+    run_id: str,
+    category: str,
+    samples: Sequence[Sample],
+    pred: Prediction,
+    *,
+    t0: float,
+    masks: np.ndarray | None = None,
+    normal_scores: np.ndarray | None = None,
+    target_fpr: float = 0.01,
+    n_resamples: int = 1000,
+    seed: int | np.random.SeedSequence = 0,
+    skipped: Sequence[tuple[str, str]] = (),
+) -> CategoryReport:
+    """Metrics of one scored category and its record in the store (tables, maps, details).
+
+    What evaluation runs on its background writer after a category is scored (and the
+    end-to-end benchmark too). ``masks`` are read at the run's resolution when not given;
+    ``t0`` is when the category's work started (for the recorded seconds).
+    """
+    if masks is None:
+        masks = masks_at(samples, store.get_run(run_id).resolution)
+    labels = np.array([s.label for s in samples])
+    report = category_report(
+        labels, pred.scores, [s.defect for s in samples], [s.mask_path is not None for s in samples],
+        masks, pred.maps, normal_scores=normal_scores, target_fpr=target_fpr, n_resamples=n_resamples, seed=seed,
+    )
+    maps = {"anomaly": pred.maps, "high": pred.high_maps, "low": pred.low_maps}
+    store.add_category(
+        run_id,
+        category,
+        metrics=report.metrics,
+        images=_images_table(samples, pred.scores),
+        maps={k: v for k, v in maps.items() if v is not None},
+        masks=masks,
+        seconds=time.perf_counter() - t0,
+        skipped=list(skipped),
+        details=report.details,
+    )
+    return report
+
+
 def _images_table(samples: Sequence[Sample], scores: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(
         {
@@ -187,7 +231,7 @@ def evaluate(
             except (ValueError, OSError) as exc:
                 weights_error = f"cannot load the backbone weights: {exc}"
         if weights_error is not None:
-            if main:
+            if store is not None:
                 run_id = store.create_run(method=name, method_config=method.config(), dataset=request.dataset_label,
                                           root=str(Path(request.root)), categories=categories,
                                           backbone={"error": weights_error}, resolution=request.resolution,
@@ -196,8 +240,8 @@ def evaluate(
                 store.fail_run(run_id, weights_error)
             outer.update(len(categories) + 1, method=name)
             continue
-        if not main:  # a non-main rank: its share of the work goes to rank 0's run
-            _run_method(method, ctx, ComputeOnly(), fit_train, test, categories, outer,
+        if not main:  # a compute-only rank: its share of the work goes to rank 0's run
+            _run_method(method, ctx, "", None, fit_train, test, categories, outer,
                         screen=screen, broken=loaded.broken, mask_memo=mask_memo, held=held, request=request)
             continue
         run_id = store.create_run(
@@ -212,7 +256,7 @@ def evaluate(
         )
         run_ids.append(run_id)
         try:
-            _run_method(method, ctx, RunRecorder(store, run_id), fit_train, test, categories, outer,
+            _run_method(method, ctx, run_id, store, fit_train, test, categories, outer,
                         screen=screen, broken=loaded.broken, mask_memo=mask_memo, held=held, request=request)
         except BaseException as exc:
             # Cancelled, KeyboardInterrupt or a bug: the run must never be left "running"
@@ -223,65 +267,11 @@ def evaluate(
     return distributed.broadcast_object(run_ids)
 
 
-class RunRecorder:
-    """Where one method's results go on the process that records them (rank 0, or the only one)."""
-
-    records = True
-
-    def __init__(self, store: ResultStore, run_id: str) -> None:
-        self.store = store
-        self.run_id = run_id
-
-    def add_skipped(self, files: Sequence[SkippedFile], split: str) -> None:
-        self.store.add_skipped(self.run_id, [(f.category, f.path, f.reason) for f in files], split=split)
-
-    def fail_run(self, error: str) -> None:
-        self.store.fail_run(self.run_id, error)
-
-    def fail_category(self, category: str, error: str, skipped: Sequence[SkippedFile] = ()) -> None:
-        self.store.fail_category(self.run_id, category, error, skipped=_pairs(skipped))
-
-    def add_category(self, category: str, **results: Any) -> None:
-        self.store.add_category(self.run_id, category, **results)
-
-    def set_run_details(self, details: dict[str, Any]) -> None:
-        self.store.set_run_details(self.run_id, details)
-
-    def finish_run(self) -> None:
-        self.store.finish_run(self.run_id)
-
-
-class ComputeOnly(RunRecorder):
-    """The recorder of a non-main torchrun rank: it computes its share, rank 0 records everything."""
-
-    records = False
-
-    def __init__(self) -> None:  # noqa: D107 - no store on this rank
-        pass
-
-    def add_skipped(self, files: Sequence[SkippedFile], split: str) -> None:
-        pass
-
-    def fail_run(self, error: str) -> None:
-        pass
-
-    def fail_category(self, category: str, error: str, skipped: Sequence[SkippedFile] = ()) -> None:
-        pass
-
-    def add_category(self, category: str, **results: Any) -> None:
-        pass
-
-    def set_run_details(self, details: dict[str, Any]) -> None:
-        pass
-
-    def finish_run(self) -> None:
-        pass
-
-
 def _run_method(
     method: Method,
     ctx: Context,
-    recorder: RunRecorder,
+    run_id: str,
+    record_to: ResultStore | None,
     train: list[Sample],
     test: list[Sample],
     categories: list[str],
@@ -304,9 +294,10 @@ def _run_method(
     ``mask_memo`` memoises ground-truth masks by the kept samples' mask paths, shared by methods
     (normal images have no mask path; equal keys then mean equal all-zero masks).
 
-    On the non-main ranks of a torchrun job ``recorder`` is :class:`ComputeOnly`: they fit
-    and predict their share, rank 0 records everything. Every rank takes the same branches
-    (failures are agreed on collectively), so none waits forever at a collective.
+    ``record_to`` is the store on the recording process and None on a compute-only one (a
+    non-main rank of a torchrun job): compute-only ranks fit and predict their
+    share, rank 0 records everything. Every rank takes the same branches (failures are
+    agreed on collectively), so none waits forever at a collective.
     """
     try:
         error = None
@@ -317,71 +308,76 @@ def _run_method(
         except Exception as exc:  # noqa: BLE001 - agreed on below, then recorded
             error = f"{exc!r}\n{traceback.format_exc()}"
         error = _first_error(error)
-        recorder.add_skipped(screen.skipped(train), split="train")
-        if recorder.records:
+        if record_to is not None:
+            record_to.add_skipped(run_id, [(f.category, f.path, f.reason) for f in screen.skipped(train)], split="train")
             # Held-out normals are screened now, so their unusable files are listed too.
             screen.keep(held)
-            recorder.add_skipped(screen.skipped(held), split="train")
+            record_to.add_skipped(run_id, [(f.category, f.path, f.reason) for f in screen.skipped(held)], split="train")
         if error is not None:
             raise _FitFailed(error)
     except _FitFailed as failed:  # recorded, the next method goes on
-        recorder.fail_run(f"fit failed: {failed}")
+        if record_to is not None:
+            record_to.fail_run(run_id, f"fit failed: {failed}")
         outer.update(len(categories) + 1, method=method.name)
         return
     outer.update(method=method.name, step="fit")
     request = request or EvalRequest("", "", (method.name,))
     reports: dict[str, CategoryReport] = {}
     fitted: dict[str, dict[str, Any]] = {}
-    for category in categories:
-        if category in broken:
-            recorder.fail_category(category, broken[category])
-            outer.update(method=method.name, category=category)
-            continue
-        listed = [s for s in test if s.category == category]
-        t0 = time.perf_counter()
-
-        def score(kept: list[Sample]) -> tuple[Prediction | None, np.ndarray | None]:
-            pred = _predict(method, kept, ctx)
-            if not recorder.records:
-                return pred, None
-            key = tuple(s.mask_path for s in kept)
-            if key not in mask_memo:
-                mask_memo[key] = masks_at(kept, ctx.resolution)
-            return pred, mask_memo[key]
-
+    def record(category: str, samples: list[Sample], pred: Prediction, masks: np.ndarray,
+               normal_scores: np.ndarray | None, t0: float, skipped: list[tuple[str, str]]) -> None:
+        """Metrics and store writes of a scored category (on the writer thread); a failure is recorded."""
+        assert record_to is not None
         try:
-            normal_scores = _held_out_scores(method, [s for s in held if s.category == category], ctx, screen)
-            (pred, masks), samples = screen.run(score, listed)
-            if not recorder.records:  # a non-main rank: its share was gathered to rank 0
-                continue
-            labels = np.array([s.label for s in samples])
-            maps = {"anomaly": pred.maps, "high": pred.high_maps, "low": pred.low_maps}
-            report = category_report(
-                labels, pred.scores, [s.defect for s in samples], [s.mask_path is not None for s in samples],
-                masks, pred.maps, normal_scores=normal_scores, target_fpr=request.target_fpr,
-                n_resamples=request.n_resamples, seed=category_seed(request.seed, category),
-            )
-            recorder.add_category(
-                category,
-                metrics=report.metrics,
-                images=_images_table(samples, pred.scores),
-                maps={k: v for k, v in maps.items() if v is not None},
-                masks=masks,
-                seconds=time.perf_counter() - t0,
-                skipped=_pairs(screen.skipped(listed)),
-                details=report.details,
+            report = record_category(
+                record_to, run_id, category, samples, pred, masks=masks, t0=t0, normal_scores=normal_scores,
+                target_fpr=request.target_fpr, n_resamples=request.n_resamples,
+                seed=category_seed(request.seed, category), skipped=skipped,
             )
             reports[category] = report
             # The checkpoint keeps what was fitted on normals only (no test-set operating points).
             fitted[category] = {k: {f: x for f, x in v.items() if f != "test"}
                                 for k, v in report.details["thresholds"].items() if k != "oracle"}
-        except Cancelled:
-            raise
         except Exception as exc:  # noqa: BLE001 - recorded, the other categories go on
-            recorder.fail_category(category, f"{exc!r}\n{traceback.format_exc()}", screen.skipped(listed))
-        outer.update(method=method.name, category=category)
-    if recorder.records:
-        recorder.set_run_details({
+            record_to.fail_category(run_id, category, f"{exc!r}\n{traceback.format_exc()}", skipped=skipped)
+
+    with BackgroundWriter() as writer:
+        for category in categories:
+            if category in broken:
+                if record_to is not None:
+                    record_to.fail_category(run_id, category, broken[category])
+                outer.update(method=method.name, category=category)
+                continue
+            listed = [s for s in test if s.category == category]
+            t0 = time.perf_counter()
+
+            def score(kept: list[Sample]) -> tuple[Prediction | None, np.ndarray | None]:
+                pred = _predict(method, kept, ctx)
+                if record_to is None:
+                    return pred, None
+                key = tuple(s.mask_path for s in kept)
+                if key not in mask_memo:
+                    mask_memo[key] = masks_at(kept, ctx.resolution)
+                return pred, mask_memo[key]
+
+            try:
+                normal_scores = _held_out_scores(method, [s for s in held if s.category == category], ctx, screen)
+                (pred, masks), samples = screen.run(score, listed)
+                if record_to is None:  # a non-main rank: its share was gathered to rank 0
+                    continue
+                # Metrics and store writes run on the writer thread while the next category is scored.
+                writer.submit(record, category, samples, pred, masks, normal_scores, t0,
+                              _pairs(screen.skipped(listed)))
+            except Cancelled:
+                raise
+            except Exception as exc:  # noqa: BLE001 - recorded, the other categories go on
+                if record_to is not None:
+                    record_to.fail_category(run_id, category, f"{exc!r}\n{traceback.format_exc()}",
+                                        skipped=_pairs(screen.skipped(listed)))
+            outer.update(method=method.name, category=category)
+        writer.drain()
+    if record_to is not None:
+        record_to.set_run_details(run_id, {
             "mean_intervals": mean_intervals(reports), "n_resamples": request.n_resamples,
             "interval_level": LEVEL, "target_fpr": request.target_fpr,
             "threshold_holdout": request.threshold_holdout, "seed": request.seed,
@@ -389,7 +385,7 @@ def _run_method(
         checkpoint = getattr(method, "checkpoint", None)
         if checkpoint is not None and any(fitted.values()):
             save_checkpoint_thresholds(Path(checkpoint), fitted, _score_settings(method, ctx))
-    recorder.finish_run()
+        record_to.finish_run(run_id)
 
 
 def _held_out_scores(method: Method, held: list[Sample], ctx: Context, screen: Screen) -> np.ndarray | None:

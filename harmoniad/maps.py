@@ -179,10 +179,58 @@ def finalize_maps(grid: GridMaps, cfg: ScoreConfig = ScoreConfig()) -> FinalMaps
     return FinalMaps(image_scores(anomaly, cfg.image_score, cfg.top_fraction), anomaly, high, low)
 
 
+class HostPrediction:
+    """Per-batch final maps gathered on the host as they come, so the device holds one batch at a time.
+
+    On CUDA each batch is copied into pinned host memory asynchronously and read one batch
+    later (after its copy event), so the copy overlaps the next batch's compute; on the CPU
+    the arrays are taken as they are. :meth:`result` gives the :class:`Prediction`.
+    """
+
+    def __init__(self) -> None:
+        self._arrays: list[dict[str, np.ndarray | None]] = []
+        self._pending: tuple[FinalMaps, torch.cuda.Event] | None = None
+
+    def add(self, final: FinalMaps) -> None:
+        """Take one batch's maps (on any device); its device memory can be reused right after."""
+        self._flush()
+        if final.scores.device.type != "cuda":
+            self._arrays.append(final.numpy())
+            return
+
+        def pinned(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            host = torch.empty(t.shape, dtype=torch.float32, pin_memory=True)
+            host.copy_(t.detach(), non_blocking=True)
+            return host
+
+        host = FinalMaps(pinned(final.scores), pinned(final.anomaly), pinned(final.high), pinned(final.low))
+        event = torch.cuda.Event()
+        event.record()
+        self._pending = (host, event)
+
+    def _flush(self) -> None:
+        if self._pending is not None:
+            host, event = self._pending
+            event.synchronize()
+            self._arrays.append(host.numpy())
+            self._pending = None
+
+    def result(self) -> Prediction:
+        """Everything added so far, in order, as one host-side :class:`Prediction`."""
+        self._flush()
+        if not self._arrays:
+            raise ValueError("HostPrediction.result: no batches were added")
+        return _concatenate(self._arrays)
+
+
 def prediction_from(parts: Sequence[FinalMaps]) -> Prediction:
     """One host-side :class:`Prediction` from per-batch final maps, in order."""
-    arrays = [p.numpy() for p in parts]
+    return _concatenate([p.numpy() for p in parts])
 
+
+def _concatenate(arrays: Sequence[dict[str, np.ndarray | None]]) -> Prediction:
     def cat(name: str) -> np.ndarray | None:
         values = [a[name] for a in arrays]
         return None if values[0] is None else np.concatenate(values).astype(np.float32, copy=False)

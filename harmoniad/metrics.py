@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["MetricError", "image_metrics", "image_curves", "pixel_metrics", "aupro"]
+__all__ = ["MetricError", "image_metrics", "image_curves", "pixel_metrics", "pixel_curves", "aupro"]
 
 # Images labelled and scanned per step: bounds the per-step temporaries.
 _IMAGE_BATCH = 64
@@ -81,14 +81,22 @@ def _curve_metrics(neg_sorted: np.ndarray, n_neg: int, pos: np.ndarray,
         "f1_max": float(np.max(2.0 * tp / (tp + n_ge + n_pos))),
     }
     if weights is not None:
-        pro = np.cumsum(weights[order])[ends] / n_regions
-        fpr = np.empty(2 * len(ends) + 2)
-        fpr[0], fpr[1:-1:2], fpr[2:-1:2], fpr[-1] = 0.0, n_gt / n_neg, n_ge / n_neg, 1.0
-        pro_curve = np.empty_like(fpr)  # flat before each threshold, rising across it
-        pro_curve[0], pro_curve[1], pro_curve[3:-1:2] = 0.0, 0.0, pro[:-1]
-        pro_curve[2:-1:2], pro_curve[-1] = pro, pro[-1]
+        fpr, pro_curve = _pro_curve(weights[order], ends, n_regions, n_ge, n_gt, n_neg)
         result["aupro"] = _trapezoid_to(fpr, pro_curve, fpr_limit) / fpr_limit
     return result
+
+
+def _pro_curve(weights_desc: np.ndarray, ends: np.ndarray, n_regions: int, n_ge: np.ndarray,
+               n_gt: np.ndarray, n_neg: int) -> tuple[np.ndarray, np.ndarray]:
+    """The exact PRO curve (FPR, PRO) through (FPR(> t), PRO before t) and (FPR(>= t), PRO
+    after t) for each distinct anomalous score t, from (0, 0) to FPR 1."""
+    pro = np.cumsum(weights_desc)[ends] / n_regions
+    fpr = np.empty(2 * len(ends) + 2)
+    fpr[0], fpr[1:-1:2], fpr[2:-1:2], fpr[-1] = 0.0, n_gt / n_neg, n_ge / n_neg, 1.0
+    pro_curve = np.empty_like(fpr)  # flat before each threshold, rising across it
+    pro_curve[0], pro_curve[1], pro_curve[3:-1:2] = 0.0, 0.0, pro[:-1]
+    pro_curve[2:-1:2], pro_curve[-1] = pro, pro[-1]
+    return fpr, pro_curve
 
 
 def _check_real(values: np.ndarray, what: str) -> None:
@@ -254,3 +262,31 @@ def aupro(masks: object, maps: object, fpr_limit: float = 0.3) -> float:
     ``fpr_limit``. Inputs and errors as :func:`pixel_metrics` (which returns this too).
     """
     return pixel_metrics(masks, maps, fpr_limit)["aupro"]
+
+
+def pixel_curves(masks: object, maps: object, fpr_limit: float = 0.3) -> dict[str, np.ndarray | float]:
+    """Pixel ROC and PRO curves for plotting, exact (the points the metrics integrate).
+
+    Returns ``fpr`` and ``tpr`` (ROC: two points per distinct anomalous-pixel score, normal
+    pixels tied with it counted before and after, from (0, 0) to (1, 1); its trapezoid area is
+    the pixel AUROC) and ``pro_fpr`` and ``pro`` (the PRO curve of :func:`aupro`, to FPR 1; AUPRO
+    integrates it up to ``fpr_limit``), and the two areas ``auroc`` and ``aupro`` (equal to
+    :func:`pixel_metrics`'). Inputs and errors as :func:`pixel_metrics`.
+    """
+    masks_arr, maps_arr = _pixel_inputs(masks, maps, fpr_limit)
+    n_pos, n_neg = _class_counts(masks_arr, "pixel masks")
+    dtype = np.float32 if np.can_cast(maps_arr.dtype, np.float32, "safe") else np.float64
+    pos, weights, n_regions = _anomalous_pixels(masks_arr, maps_arr, dtype)
+    negatives = _normal_scores_from(masks_arr, maps_arr, pos.min(), n_neg, dtype)
+    negatives.sort()
+    order = np.argsort(pos)[::-1]
+    pos_desc = pos[order]
+    ends = np.flatnonzero(np.append(pos_desc[:-1] != pos_desc[1:], True))
+    n_ge = len(negatives) - np.searchsorted(negatives, pos_desc[ends], side="left")
+    n_gt = len(negatives) - np.searchsorted(negatives, pos_desc[ends], side="right")
+    pro_fpr, pro = _pro_curve(weights[order], ends, n_regions, n_ge, n_gt, n_neg)
+    # ROC is the same construction with every pixel its own unit-weight "region": TPR.
+    fpr, tpr = _pro_curve(np.ones(len(pos)), ends, n_pos, n_ge, n_gt, n_neg)
+    return {"fpr": fpr, "tpr": tpr, "pro_fpr": pro_fpr, "pro": pro,
+            "auroc": float(np.dot(np.diff(fpr), tpr[1:] + tpr[:-1]) / 2.0),
+            "aupro": _trapezoid_to(pro_fpr, pro, fpr_limit) / fpr_limit}

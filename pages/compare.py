@@ -1,8 +1,10 @@
 """Compare page: methods side by side on one dataset.
 
-Per-category bars for any metric, image-level ROC and PR curves, HarmoniAD minus a chosen
-baseline, and HarmoniAD's ablations. Metrics come from the run index; curves from the
-per-image tables (cached per run), never from the maps.
+Per-category bars for any metric, results per defect type, image ROC/PR curves and pixel
+ROC/PRO curves, HarmoniAD minus a chosen baseline, statistics (bootstrap intervals, paired
+tests, a critical-difference diagram) and HarmoniAD's ablations. Metrics come from the run
+index; image curves and statistics from the per-image tables; pixel curves from the stored
+maps of one category at a time.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import math
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, nav, state
+from dashboard import defects, nav, state
+from harmoniad import charts
 from harmoniad.methods import METHODS
-from harmoniad.store import METRIC_COLUMNS, RunInfo, RunNotFound
+from harmoniad.store import METRIC_COLUMNS, RunDataMissing, RunInfo, RunNotFound
 
 ABLATION_METHODS = ("harmoniad", *(name for name, spec in METHODS.items() if spec.kind == "ablation"))
 
@@ -87,15 +90,20 @@ def _bars_section(table: pd.DataFrame, colours: dict[str, str]) -> str:
     return metric
 
 
-def _curves_section(infos: dict[str, RunInfo], labels: dict[str, str], colours: dict[str, str]) -> None:
-    st.subheader("ROC and precision-recall curves")
-    st.caption("Image level, from each image's score and label. Top-left (ROC) and top-right (PR) are better; "
-               "the dotted line is guessing.")
+def _tables(infos: dict[str, RunInfo], labels: dict[str, str]) -> dict[str, pd.DataFrame]:
     tables: dict[str, pd.DataFrame] = {}
     for run_id, info in infos.items():
         images = state.readable_run_images(info, labels[run_id])
         if images is not None:
             tables[run_id] = images
+    return tables
+
+
+def _curves_section(infos: dict[str, RunInfo], tables: dict[str, pd.DataFrame], labels: dict[str, str],
+                    colours: dict[str, str]) -> None:
+    st.subheader("ROC, precision-recall and PRO curves")
+    st.caption("Image curves from each image's score and label; pixel curves from the stored maps. Top-left (ROC) "
+               "and top-right (PR) are better; the dotted line is guessing.")
     categories = list(dict.fromkeys(c for t in tables.values() for c in t["category"].unique()))
     if not categories:
         st.info("No per-image scores to draw curves from.")
@@ -108,7 +116,25 @@ def _curves_section(infos: dict[str, RunInfo], labels: dict[str, str], colours: 
     left.plotly_chart(roc, key="compare_roc")
     right.plotly_chart(pr, key="compare_pr")
     for label, why in skipped.items():
-        st.caption(f"No curve for {label}: {why}")
+        st.caption(f"No image curve for {label}: {why}")
+    pixel: dict[str, tuple] = {}
+    for run_id, table in tables.items():
+        rows = table[table["category"] == category]
+        if rows.empty:
+            continue
+        try:
+            pixel[labels[run_id]] = state.category_maps(infos[run_id], list(rows["index"]))
+        except (KeyError, RunDataMissing):
+            st.caption(f"No pixel curves for {labels[run_id]}: its maps are not stored or cannot be read.")
+    if pixel:
+        proc, pro, skipped = charts.pixel_curve_figures(pixel, colours)
+        left, right = st.columns(2)
+        left.plotly_chart(proc, key="compare_pixel_roc")
+        right.plotly_chart(pro, key="compare_pro")
+        st.caption(f"Pixel level over every pixel of the category's test images. The PRO curve is the mean overlap "
+                   f"with each ground-truth region; AUPRO integrates it up to FPR {charts.FPR_LIMIT:g} (dashed line).")
+        for label, why in skipped.items():
+            st.caption(f"No pixel curve for {label}: {why}")
 
 
 def _difference_section(table: pd.DataFrame, metric: str, infos: dict[str, RunInfo], labels: dict[str, str]) -> None:
@@ -134,6 +160,63 @@ def _difference_section(table: pd.DataFrame, metric: str, infos: dict[str, RunIn
     with st.expander(f"Mean difference against every other run, all metrics ({labels[target]} minus row)"):
         table_all = charts.mean_differences(table, target, {rid: labels[rid] for rid in others})
         st.dataframe(table_all.style.format("{:+.1f}", na_rep="n/a").map(_sign_colour))
+
+
+def _defects_section(infos: dict[str, RunInfo], tables: dict[str, pd.DataFrame], labels: dict[str, str],
+                     colours: dict[str, str]) -> None:
+    st.subheader("Per defect type")
+    defects.section({labels[rid]: (infos[rid], t) for rid, t in tables.items()}, colours, key="compare")
+
+
+STAT_METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
+
+
+def _statistics_section(infos: dict[str, RunInfo], labels: dict[str, str], colours: dict[str, str]) -> None:
+    st.subheader("Statistics")
+    metric = st.columns([1, 2])[0].selectbox("Interval metric", STAT_METRICS,
+                                             format_func=charts.METRIC_LABELS.__getitem__, key="compare_stat_metric")
+    intervals = {labels[rid]: charts.interval_table(state.run_intervals(info), metric) for rid, info in infos.items()}
+    missing = [label for label, t in intervals.items() if t.empty]
+    intervals = {label: t for label, t in intervals.items() if len(t)}
+    if intervals:
+        st.plotly_chart(charts.interval_bars(intervals, colours, metric), key="compare_intervals")
+        st.caption("Error bars: 95% stratified bootstrap intervals stored with each run (test images resampled, "
+                   "normal and defective separately; 'mean' resamples every category together). Few test images "
+                   "give wide intervals.")
+    if missing:
+        st.caption(f"No stored intervals for {', '.join(missing)} (evaluated without bootstrap resamples, or no "
+                   "defective images).")
+    ids = list(infos)
+    tests = None
+    if len(ids) >= 2:
+        left, right = st.columns(2)
+        a = left.selectbox("Method A", ids, format_func=labels.__getitem__, key="compare_stat_a")
+        b = right.selectbox("Method B", [r for r in ids if r != a], format_func=labels.__getitem__, key="compare_stat_b")
+        try:
+            tests = state.paired_test(infos[a], infos[b])
+        except RunDataMissing as exc:
+            st.error(f"The paired test needs both runs' per-image scores: {exc}. {state.MISSING_FILES_HELP}")
+            tests = None
+    if len(ids) >= 2 and tests is not None:
+        st.plotly_chart(charts.significance_bars(tests, labels[a], labels[b]), key="compare_significance")
+        n_sig = int((tests["delong_p"] < charts.ALPHA).sum()) if "delong_p" in tests else 0
+        st.caption(f"★ marks categories where DeLong's paired test on the images both runs scored finds the image "
+                   f"AUROCs different at the 5% level ({n_sig} of {len(tests)}); no multiple-testing correction.")
+    ranks = None
+    if len(ids) >= 3:
+        try:
+            ranks = charts.relabel_ranks(state.get_store().friedman(ids, metric), [labels[r] for r in ids])
+        except ValueError:  # fewer than two categories every run scored
+            ranks = None
+    if ranks is not None:
+        st.plotly_chart(charts.cd_diagram(ranks, colours), key="compare_cd")
+        st.caption(f"Average rank of {charts.METRIC_LABELS[metric]} over {ranks['n_datasets']} categories (Friedman "
+                   "test, Nemenyi critical difference at 5%). Methods joined by a black bar are not significantly "
+                   "different.")
+    elif len(ids) >= 3:
+        st.caption("No critical-difference diagram: it needs at least two categories scored by every method.")
+    else:
+        st.caption("A critical-difference diagram appears when three or more runs are compared.")
 
 
 def _percent_columns(columns: object) -> dict:
@@ -193,8 +276,11 @@ def main() -> None:
         table = charts.comparison_table(metrics, labels)
         _failed_categories(metrics, labels)
         metric = _bars_section(table, colours)
-        _curves_section(infos, labels, colours)
+        tables = _tables(infos, labels)
+        _defects_section(infos, tables, labels, colours)
+        _curves_section(infos, tables, labels, colours)
         _difference_section(table, metric, infos, labels)
+        _statistics_section(infos, labels, colours)
     _ablations_section(pool, ablation_ids, st.session_state.get("compare_metric", METRIC_COLUMNS[0]))
 
 

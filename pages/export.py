@@ -14,7 +14,10 @@ import tempfile
 import plotly.graph_objects as go
 import streamlit as st
 
-from dashboard import charts, nav, state
+from dashboard import nav, state
+from harmoniad import charts
+from harmoniad.report import render_report
+from harmoniad.store.export import weights_statement
 from harmoniad.store import METRIC_COLUMNS, RunDataMissing, RunInfo
 
 
@@ -24,6 +27,36 @@ def _export_files(store_path: str, run_id: str, updated: str) -> dict[str, bytes
     with tempfile.TemporaryDirectory(prefix="harmoniad-export-") as tmp:
         metrics, images, run = state.get_store().export_csv(run_id, tmp)
         return {"metrics": metrics.read_bytes(), "images": images.read_bytes(), "run": run.read_bytes()}
+
+
+@st.cache_data(show_spinner="Writing the report...", max_entries=8)
+def _report(store_path: str, run_ids: tuple[str, ...], updated: tuple[str, ...]) -> bytes:
+    """The HTML report of ``run_ids`` (cached per run update), as ``harmoniad runs export --format html`` writes it."""
+    return render_report(state.get_store(), list(run_ids)).encode()
+
+
+def _report_section(info: RunInfo) -> None:
+    st.subheader("Report")
+    st.caption("One self-contained HTML file (works offline): runs and their weights, per-category metrics, charts, "
+               "bootstrap intervals, per-defect results, paired tests, and the worst false positives and false "
+               "negatives with their maps. The same file as `python -m harmoniad runs export RUN_ID --format html`.")
+    runs = state.list_runs(status="complete")
+    peers = charts.latest_runs(runs[runs["method"] != info.method], dataset=info.dataset)
+    labels = charts.series_labels(runs[runs["id"].isin([info.id, *peers])])
+    scope = st.radio("Report on", ["this run", "comparison"], horizontal=True, key="export_report_scope",
+                     format_func=lambda k: "this run" if k == "this run" else
+                     f"this run and the newest run of every other method on {info.dataset} ({len(peers)} more)")
+    ids = (info.id,) if scope == "this run" else (info.id, *peers)
+    store = state.get_store()
+    try:
+        data = _report(str(state.store_path()), ids, tuple(store.get_run(r).updated for r in ids))
+    except RunDataMissing as exc:
+        st.error(f"The report cannot be written: {exc}. {state.MISSING_FILES_HELP}")
+        return
+    name = info.id if len(ids) == 1 else f"comparison-{info.id}-{len(ids)}runs"
+    st.download_button("Download the HTML report", data, file_name=f"{name}.html", mime="text/html",
+                       key="export_report", icon=":material/summarize:",
+                       help=", ".join(labels.get(r, r) for r in ids))
 
 
 def _metrics_csv(info: RunInfo) -> bytes:
@@ -67,7 +100,8 @@ def _chart_section(info: RunInfo) -> None:
         "displayModeBar": True,
         "toImageButtonOptions": {"format": "png", "filename": name, "scale": 2},
     })
-    html = fig.to_html(include_plotlyjs=True, full_html=True).encode()
+    html = fig.to_html(include_plotlyjs=True, full_html=True).replace(
+        "<body>", f"<body><p>Weights: {weights_statement(info)}</p>", 1).encode()
     c1, c2 = st.columns(2)
     c1.download_button("Download chart as HTML", html, file_name=f"{name}.html", mime="text/html",
                        key="export_html", icon=":material/html:",
@@ -113,9 +147,11 @@ def main() -> None:
                            mime="text/csv", key="export_images", icon=":material/table_rows:")
         c3.download_button("Run record (JSON)", files["run"], file_name=f"{info.id}_run.json",
                            mime="application/json", key="export_run", icon=":material/data_object:")
-    st.caption("Metrics: one row per category plus a mean row, values as fractions in [0, 1]. "
+    st.caption(f"Every file states the weights: **{weights_statement(info)}**. "
+               "Metrics: one row per category plus a mean row, values as fractions in [0, 1]. "
                "Scores: one row per test image (path, category, defect, label 1 = defective, anomaly score). "
                "Run record: configuration, backbone provenance and code version.")
+    _report_section(info)
     _chart_section(info)
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard import bootstrap, charts, jobs, nav, state
+from dashboard import bootstrap, defects, jobs, nav, state
+from harmoniad import charts
 from harmoniad.store.published import published_results, side_by_side
 from harmoniad.store import METRIC_COLUMNS, RunNotFound, RunStateError
 
@@ -102,15 +103,16 @@ def _runs_section(runs: pd.DataFrame) -> None:
     st.caption(f"{len(shown)} of {len(runs)} runs shown.")
 
 
-def _leaderboard(metrics: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Method x category table of ``metric`` in percent, plus the mean over stored categories."""
+def _leaderboard(metrics: pd.DataFrame, metric: str, running: set[str] | frozenset[str] = frozenset()) -> pd.DataFrame:
+    """Method x category table of ``metric`` in percent, plus the mean over stored categories
+    (runs in ``running`` are marked: their mean covers the categories stored so far)."""
     ok = metrics[metrics["status"] == "ok"]
     rows = []
     for run_id, part in metrics.groupby("run_id", sort=False):
         good = ok[ok["run_id"] == run_id]
         first = part.iloc[0]
         row: dict[str, object] = {
-            "Method": charts.method_label(str(first["method"])),
+            "Method": charts.method_label(str(first["method"])) + (" (running)" if run_id in running else ""),
             "Random weights": bool(first["random_weights"]),
         }
         for _, cat in part.iterrows():
@@ -123,9 +125,10 @@ def _leaderboard(metrics: pd.DataFrame, metric: str) -> pd.DataFrame:
 def _leaderboard_section(runs: pd.DataFrame) -> str | None:
     """Draw the leaderboard; return the dataset it shows (None when there is nothing complete)."""
     st.subheader("Leaderboard")
-    complete = runs[runs["status"] == "complete"]
+    # Runs still going show the categories they have stored: results appear as they land.
+    complete = runs[(runs["status"] == "complete") | ((runs["status"] == "running") & (runs["n_ok"] > 0))]
     if complete.empty:
-        st.info("No complete run yet: the leaderboard fills in as runs finish.")
+        st.info("No results yet: the leaderboard fills in as each method finishes a category.")
         return None
     datasets = sorted(complete["dataset"].unique())
     selected = state.selected_run_id()
@@ -137,15 +140,16 @@ def _leaderboard_section(runs: pd.DataFrame) -> str | None:
     dataset = c1.selectbox("Dataset", datasets, key="ov_dataset")
     metric = c2.selectbox("Metric", list(METRIC_COLUMNS), format_func=charts.METRIC_LABELS.__getitem__,
                           key="ov_metric")
-    ids = charts.latest_runs(complete, dataset=dataset)
-    metrics = state.get_store().metrics_table(dataset=dataset)
+    ids = charts.latest_runs(complete.assign(status="complete"), dataset=dataset)
+    running = set(complete.loc[complete["status"] == "running", "id"])
+    metrics = state.get_store().metrics_table(dataset=dataset, status=("complete", "running"))
     metrics = metrics[metrics["run_id"].isin(ids)]
     if metrics.empty:
         st.info(f"The complete runs on {dataset} stored no category.")
         return dataset
     order = {run_id: i for i, run_id in enumerate(ids)}
     metrics = metrics.assign(_o=metrics["run_id"].map(order)).sort_values("_o", kind="stable").drop(columns="_o")
-    table = _leaderboard(metrics, metric)
+    table = _leaderboard(metrics, metric, running)
     value_columns = [c for c in table.columns if c not in ("Method", "Random weights")]
     styled = table.style.format("{:.1f}", subset=value_columns, na_rep="–").highlight_max(
         subset=value_columns, axis=0, props="font-weight: bold; background-color: rgba(46, 125, 50, 0.15)"
@@ -158,6 +162,26 @@ def _leaderboard_section(runs: pd.DataFrame) -> str | None:
         "column highlighted."
     )
     return dataset
+
+
+def _defects_section(runs: pd.DataFrame, dataset: str) -> None:
+    st.subheader("Per defect type")
+    st.caption(f"The leaderboard's runs on **{dataset}**, per defect type.")
+    usable = runs[(runs["status"] == "complete") | (runs["n_ok"] > 0)].assign(status="complete")
+    store = state.get_store()
+    series = {}
+    chosen = usable[usable["id"].isin(charts.latest_runs(usable, dataset=dataset))]
+    labels = charts.series_labels(chosen)
+    for run_id in charts.latest_runs(usable, dataset=dataset):
+        try:
+            info = store.get_run(run_id)
+        except RunNotFound:
+            continue
+        images = state.readable_run_images(info, labels[run_id])
+        if images is not None and len(images):
+            series[labels[run_id]] = (info, images)
+    if series:
+        defects.section(series, charts.series_colours(chosen), key="overview")
 
 
 def _measured_means(runs: pd.DataFrame, dataset: str) -> pd.DataFrame:
@@ -201,17 +225,18 @@ def _published_section(runs: pd.DataFrame, dataset: str | None) -> None:
     )
 
     def shade(row: pd.Series) -> list[str]:
-        style = "color: #666" if row["Kind"] == "published" else "font-weight: bold"
+        style = ("color: #616161; background-color: #eeeeee; font-style: italic" if row["Kind"] == "published"
+                 else "font-weight: bold; background-color: #e3f2fd")
         return [style] * len(row)
 
     styled = table.style.apply(shade, axis=1)
     st.dataframe(styled, hide_index=True, width="stretch", height=_fit_height(len(table)))
     measured_note = (
-        " Measured rows (bold) are the mean over categories of this project's newest run of each method."
+        " Measured rows (bold, blue, Kind = measured here) are the mean over categories of this project's newest run of each method."
         if len(measured) else ""
     )
-    st.caption(f"{PUBLISHED_DATASETS[shown_ds]}: {len(published)} published rows (grey), in percent; – = not "
-               f"reported.{measured_note}")
+    st.caption(f"{PUBLISHED_DATASETS[shown_ds]}: {len(published)} published rows (grey, italic, Kind = published), "
+               f"in percent; – = not reported.{measured_note}")
 
 
 def _delete_section(runs: pd.DataFrame) -> None:
@@ -247,18 +272,26 @@ def main() -> None:
         kind, text = flash
         getattr(st, kind)(text)
     runs = state.list_runs()
+    demo = jobs.board().get(bootstrap.demo_job_id(state.store_path()))
+    if demo is not None and demo.running:
+        st.info("**The offline demo is running.** Each method's results appear below as soon as its first category "
+                "is scored; the fastest methods go first.", icon=":material/hourglass_top:")
     if runs.empty:
         if jobs.board().running(state.store_path()):
-            st.info("Results appear here as soon as the first run is stored.", icon=":material/hourglass_top:")
+            if demo is None or not demo.running:
+                st.info("An evaluation is running: results appear here as soon as the first category is stored.",
+                        icon=":material/hourglass_top:")
             return
         st.info("No runs in the results store yet. Start an evaluation on the **Run** page, or run the offline "
                 "demo (synthetic data, tiny random-weights backbone, no download).")
         bootstrap.demo_button(state.get_store(), key="ov_demo")
         nav.link(nav.RUN, "Go to the Run page")
         return
-    state.weights_banner(runs[runs["status"] == "complete"])
+    state.weights_banner(runs[(runs["status"] == "complete") | (runs["n_ok"] > 0)])
     _runs_section(runs)
     dataset = _leaderboard_section(runs)
+    if dataset is not None:
+        _defects_section(runs, dataset)
     _published_section(runs, dataset)
     _delete_section(runs)
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from dashboard import bootstrap, charts, jobs, nav, state
+from dashboard import bootstrap, jobs, nav, state
+from harmoniad import charts
 from harmoniad.backbone import (
     ALLOW_DOWNLOAD_ENV,
     TINY_BACKBONE,

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harmoniad.runtime.device import autocast, resolve_device
+from harmoniad.runtime.device import autocast, cast_for_inference, resolve_device
 
 #: Environment variable naming a local weights file that replaces a pretrained tag's file.
 WEIGHTS_ENV = "HARMONIAD_CLIP_WEIGHTS"
@@ -397,6 +397,8 @@ class Backbone(nn.Module):
         self.model = _build_model(self.spec, self.weights_path)
         self.model.to(target)
         self.model.requires_grad_(False)
+        # Frozen: on CUDA the weights are cast to bf16 once instead of by autocast on every forward.
+        cast_for_inference(self.model, target)
         super().train(False)
         mean = torch.tensor(self.spec.mean, dtype=torch.float32, device=target).view(1, 3, 1, 1)
         std = torch.tensor(self.spec.std, dtype=torch.float32, device=target).view(1, 3, 1, 1)

@@ -12,6 +12,7 @@ trained heads and an interrupted training resumes where it stopped.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Sequence
@@ -25,10 +26,10 @@ from harmoniad.backbone import Backbone, BackboneConfig
 from harmoniad.backbone.cache import FeatureCache
 from harmoniad.backbone.sources import FeatureSource, in_order, source_for
 from harmoniad.data import Sample
-from harmoniad.maps import FinalMaps, Prediction, ScoreConfig, finalize_maps, prediction_from
+from harmoniad.maps import FinalMaps, HostPrediction, Prediction, ScoreConfig, finalize_maps
 from harmoniad.methods.base import Context, Method
 from harmoniad.model import HarmoniAD, ModelConfig
-from harmoniad.runtime.device import autocast, maybe_compile, resolve_device
+from harmoniad.runtime.device import autocast, batch_size_for, cast_for_inference, maybe_compile, resolve_device
 from harmoniad.runtime.paths import cache_dir
 from harmoniad.runtime.progress import Progress, ProgressFn
 from harmoniad.runtime.serialization import to_dict
@@ -50,17 +51,20 @@ class Scorer:
         cfg: ScoreConfig = ScoreConfig(),
         *,
         device: str | torch.device = "auto",
-        batch_size: int = 16,
+        batch_size: int | None = None,
     ) -> None:
-        if batch_size < 1:
+        if batch_size is not None and batch_size < 1:
             raise ValueError(f"Scorer.batch_size must be >= 1, got {batch_size}")
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.features = features
         self.cfg = cfg
-        self.batch_size = batch_size
-        #: What the forward pass runs through: the model, or its ``torch.compile`` wrapper (``cfg.compile``).
-        self.net = maybe_compile(self.model, cfg.compile)
+        #: Images per batch: given, or from the GPU's free memory (64-256 on an H200; 16 on the CPU).
+        self.batch_size = batch_size or self._default_batch_size(features)
+        # On CUDA the forward pass runs a bf16 copy of the heads (cast once, not on every call).
+        net = cast_for_inference(copy.deepcopy(self.model), self.device) if self.device.type == "cuda" else self.model
+        #: What the forward pass runs through: the model (bf16 copy on CUDA), or its ``torch.compile`` wrapper.
+        self.net = maybe_compile(net, cfg.compile)
         #: The checkpoint's settings when built by :meth:`from_checkpoint`.
         self.info: CheckpointInfo | None = None
         if features is not None:
@@ -73,24 +77,40 @@ class Scorer:
         cfg: ScoreConfig = ScoreConfig(),
         *,
         device: str | torch.device = "auto",
-        use_cache: bool = True,
+        use_cache: bool | None = None,
         cache_root: Path | None = None,
-        batch_size: int = 16,
+        batch_size: int | None = None,
         backbone: BackboneConfig | None = None,
     ) -> Scorer:
-        """Load a checkpoint and attach the backbone it was trained on (or ``backbone``)."""
+        """Load a checkpoint and attach the backbone it was trained on (or ``backbone``).
+
+        ``use_cache`` None: the feature cache on a CPU (the backbone is the slow part there),
+        features computed on the fly on a GPU (faster than reading a cache back, and a full
+        ViT-L cache of MVTec + VisA + BTAD would not fit a GPU machine's disk).
+        """
         dev = resolve_device(device)
         model, info = load_checkpoint(path, device=dev)
         bcfg = backbone or info.backbone
+        if use_cache is None:
+            use_cache = dev.type != "cuda"
         features: FeatureCache | Backbone | None = None
         if bcfg is not None:
             if use_cache:
-                features = FeatureCache(bcfg, root=cache_root, batch_size=batch_size, device=dev)
+                features = FeatureCache(bcfg, root=cache_root, batch_size=batch_size or 16, device=dev)
             else:
                 features = Backbone(bcfg, dev)
         scorer = cls(model, features, cfg, device=dev, batch_size=batch_size)
         scorer.info = info
         return scorer
+
+    def _default_batch_size(self, features: FeatureCache | Backbone | None) -> int:
+        if features is None:
+            return 16
+        shapes = features.feature_shapes
+        # ~128 bytes of activations per feature value through backbone, heads and maps: generous,
+        # and an overestimate only costs speed (an underestimate is caught by the OOM halving).
+        per_image = 128 * sum(c * h * w for c, h, w in shapes)
+        return batch_size_for(self.device, per_image, default=16, minimum=64, maximum=256)
 
     def _check_shapes(self, features: FeatureCache | Backbone) -> None:
         shapes = features.feature_shapes
@@ -118,21 +138,21 @@ class Scorer:
         """``H x W x 3`` uint8 RGB arrays -> :class:`~harmoniad.methods.base.Prediction`."""
         backbone = self._backbone()
         meter = Progress("score", len(images), progress)
-        parts = []
+        host = HostPrediction()
         for start in range(0, len(images), self.batch_size):
             batch = images[start : start + self.batch_size]
-            parts.append(self.score_tensor(backbone.preprocess(list(batch))))
+            host.add(self.score_tensor(backbone.preprocess(list(batch))))
             meter.update(len(batch))
-        return prediction_from(parts)
+        return host.result()
 
     def score_source(self, source: FeatureSource, progress: ProgressFn | None = None) -> Prediction:
         """Every image of ``source``, in order -> Prediction (maps moved to the host per batch)."""
         meter = Progress("score", len(source), progress)
-        parts = []
+        host = HostPrediction()  # maps leave the device batch by batch
         for feats in in_order(source, self.batch_size):
-            parts.append(self.score_features(feats))
+            host.add(self.score_features(feats))
             meter.update(int(feats[0].shape[0]))
-        return prediction_from(parts)
+        return host.result()
 
     def score_paths(self, paths: Sequence[str | Path], progress: ProgressFn | None = None) -> Prediction:
         """Image files -> Prediction, in ``paths`` order, a batch at a time."""

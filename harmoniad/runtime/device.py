@@ -86,7 +86,7 @@ def cast_for_inference(module: torch.nn.Module, device: torch.device) -> torch.n
 
 
 def bf16_weights(module: torch.nn.Module) -> torch.nn.Module:
-    """Cast ``module``'s floating parameters to bf16 in place (norm layers excepted); returns it."""
+    """Cast ``module``'s floating parameters to bf16 in place (norm layers excepted) and freeze it; returns it."""
     norms = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._BatchNorm)
     for sub in module.modules():
         if isinstance(sub, norms):
@@ -94,7 +94,7 @@ def bf16_weights(module: torch.nn.Module) -> torch.nn.Module:
         for name, param in list(sub.named_parameters(recurse=False)):
             if param.is_floating_point():
                 setattr(sub, name, torch.nn.Parameter(param.detach().to(torch.bfloat16), requires_grad=False))
-    return module
+    return module.requires_grad_(False)
 
 
 class AdaptiveBatch:

@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: Overrides the process-group backend (default: NCCL with CUDA, else gloo); ``gloo`` lets
+#: several ranks share one GPU (e.g. a 2-process smoke run on a one-GPU machine).
+BACKEND_ENV = "HARMONIAD_DIST_BACKEND"
+
 #: The variables ``torchrun`` (``python -m torch.distributed.run``) sets for every worker.
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -51,8 +55,9 @@ def init(backend: str | None = None, *, timeout_s: float = 1800.0) -> bool:
 
     A plain process (no ``WORLD_SIZE`` or ``WORLD_SIZE=1``) gets no group and everything
     below runs as a single process. ``backend`` defaults to NCCL when CUDA is present, else
-    gloo. With CUDA, this worker's GPU is ``cuda:LOCAL_RANK`` (set as the current device, so
-    bare ``"cuda"`` means it too). Calling it again is harmless.
+    gloo (or ``$HARMONIAD_DIST_BACKEND``). With CUDA, this worker's GPU is ``cuda:LOCAL_RANK``
+    (modulo the GPU count under gloo, so ranks can share a GPU), set as the current device so
+    bare ``"cuda"`` means it too. Calling it again is harmless.
     """
     if is_initialized():
         return True
@@ -68,15 +73,15 @@ def init(backend: str | None = None, *, timeout_s: float = 1800.0) -> bool:
     if not dist.is_available():
         raise DistributedError("this torch build has no torch.distributed; run without torchrun")
     use_cuda = torch.cuda.is_available()
-    backend = backend or ("nccl" if use_cuda else "gloo")
+    backend = backend or os.environ.get(BACKEND_ENV) or ("nccl" if use_cuda else "gloo")
     if use_cuda:
-        lr = local_rank()
-        if lr >= torch.cuda.device_count():
+        lr, gpus = local_rank(), torch.cuda.device_count()
+        if lr >= gpus and backend == "nccl":
             raise DistributedError(
-                f"LOCAL_RANK={lr} but this node has {torch.cuda.device_count()} GPU(s); "
-                "use --nproc_per_node <= the number of GPUs"
+                f"LOCAL_RANK={lr} but this node has {gpus} GPU(s); use --nproc_per_node <= the number of GPUs "
+                f"(NCCL cannot put two ranks on one GPU), or set {BACKEND_ENV}=gloo to share the GPUs"
             )
-        torch.cuda.set_device(lr)
+        torch.cuda.set_device(lr % gpus)
     kwargs: dict[str, Any] = {"backend": backend, "timeout": datetime.timedelta(seconds=timeout_s)}
     if backend == "nccl":
         kwargs["device_id"] = torch.device("cuda", local_rank())
@@ -187,7 +192,7 @@ def device(requested: str | torch.device | None = "auto") -> torch.device:
     """
     dev = resolve_device(requested)
     if dev.type == "cuda" and dev.index is None:
-        return torch.device("cuda", local_rank() if is_initialized() else torch.cuda.current_device())
+        return torch.device("cuda", torch.cuda.current_device())
     return dev
 
 
@@ -329,6 +334,7 @@ def raise_if_any_failed(error: BaseException | None, what: str) -> None:
 
 
 __all__ = [
+    "BACKEND_ENV",
     "TORCHRUN_ENV",
     "DistributedError",
     "active",

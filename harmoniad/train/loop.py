@@ -19,6 +19,7 @@ import hashlib
 import math
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -142,43 +143,62 @@ def train(
     t0 = time.monotonic()
     loss_value = float("nan")
     model.train()
-    order_epoch, order = -1, torch.empty(0, dtype=torch.long)
-    while step < total:
-        epoch, pos = divmod(step, steps_per_epoch)
-        if epoch != order_epoch:
-            order_epoch, order = epoch, _epoch_order(train_cfg.seed, epoch, n)
-        batch = order[pos * train_cfg.batch_size : (pos + 1) * train_cfg.batch_size].tolist()
+    orders: dict[int, torch.Tensor] = {}
+
+    def step_batch(s: int) -> tuple[int, list[int], float]:
+        """(epoch, this rank's indices, loss weight) of step ``s``: a pure function of the seed."""
+        epoch, pos = divmod(s, steps_per_epoch)
+        if epoch not in orders:
+            orders.clear()
+            orders[epoch] = _epoch_order(train_cfg.seed, epoch, n)
+        batch = orders[epoch][pos * train_cfg.batch_size : (pos + 1) * train_cfg.batch_size].tolist()
         local, weight = distributed.split_batch(batch)  # (batch, 1.0) in a single process
-        feats = [f.to(dev, non_blocking=True) for f in source.load(local)]
-        lr = train_cfg.lr_at(step, total)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        stream = "dropout" if distributed.rank() == 0 else f"dropout.rank{distributed.rank()}"
-        gen = torch.Generator(device=dev).manual_seed(_derived_seed(train_cfg.seed, stream, step))
-        with autocast(dev, enabled=train_cfg.amp):
-            output = net(feats, generator=gen)
-        losses = model.loss(output)
-        optimizer.zero_grad(set_to_none=True)
-        (losses.total if weight == 1.0 else losses.total * weight).backward()
-        if train_cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
-        optimizer.step()
-        step += 1
-        loss_value = float(losses.total.detach())
-        if distributed.active():  # the mean over the global batch, the same on every rank
-            loss_value = float(distributed.all_reduce_sum([loss_value * weight / distributed.world_size()]))
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"train: loss became {loss_value} at step {step}; lower lr or check the features")
-        saved = False
-        if main and step % train_cfg.checkpoint_every == 0 and step < total:
-            save_state(out / STATE_FILE, model, optimizer, step, identity)
-            saved = True
-        try:
-            meter.update(1, loss=loss_value, lr=lr, epoch=epoch + 1)
-        except Cancelled:
-            if not saved:
+        return epoch, local, weight
+
+    # The next step's features load on a background thread while this step computes
+    # (cache files read, or a live backbone run), so the device does not wait on them.
+    loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="harmoniad-train-loader")
+    upcoming = loader.submit(source.load, step_batch(step)[1]) if step < total else None
+    try:
+        while step < total:
+            epoch, local, weight = step_batch(step)
+            assert upcoming is not None
+            loaded = upcoming.result()
+            upcoming = loader.submit(source.load, step_batch(step + 1)[1]) if step + 1 < total else None
+            feats = [f.to(dev, non_blocking=True) for f in loaded]
+            lr = train_cfg.lr_at(step, total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            stream = "dropout" if distributed.rank() == 0 else f"dropout.rank{distributed.rank()}"
+            gen = torch.Generator(device=dev).manual_seed(_derived_seed(train_cfg.seed, stream, step))
+            with autocast(dev, enabled=train_cfg.amp):
+                output = net(feats, generator=gen)
+            losses = model.loss(output)
+            optimizer.zero_grad(set_to_none=True)
+            (losses.total if weight == 1.0 else losses.total * weight).backward()
+            if train_cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+            optimizer.step()
+            step += 1
+            loss_value = float(losses.total.detach())
+            if distributed.active():  # the mean over the global batch, the same on every rank
+                loss_value = float(distributed.all_reduce_sum([loss_value * weight / distributed.world_size()]))
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"train: loss became {loss_value} at step {step}; lower lr or check the features")
+            saved = False
+            if main and step % train_cfg.checkpoint_every == 0 and step < total:
                 save_state(out / STATE_FILE, model, optimizer, step, identity)
-            raise
+                saved = True
+            try:
+                meter.update(1, loss=loss_value, lr=lr, epoch=epoch + 1)
+            except Cancelled:
+                if not saved:
+                    save_state(out / STATE_FILE, model, optimizer, step, identity)
+                raise
+    finally:
+        if upcoming is not None:
+            upcoming.cancel()
+        loader.shutdown(wait=True)
 
     result = {"steps": total, "final_loss": loss_value, "wall_s": round(time.monotonic() - t0, 3),
               "device": str(dev), "world_size": distributed.world_size()}

@@ -7,6 +7,7 @@ Screenshots of every page go to ``tests/screenshots/`` (git-ignored).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -40,7 +41,7 @@ PAGES: dict[str, tuple[str, str, dict[str, int], tuple[str, ...]]] = {
     "": ("overview", "Overview", {'[data-testid="stDataFrame"]': 3}, (RANDOM_BANNER, "Published results")),
     "run": ("run", "Run", {'[data-testid="stTextInput"]': 1}, ("Found 2 categories", "Start evaluation")),
     "compare": ("compare", "Compare methods", {'[data-testid="stPlotlyChart"]': 1}, (RANDOM_BANNER,)),
-    "inspect": ("inspect", "Inspect an image", {'[data-testid="stImage"]': 2}, (RANDOM_BANNER,)),
+    "inspect": ("inspect", "Inspect an image", {'.st-key-inspect_maps [data-testid="stPlotlyChart"]': 5}, (RANDOM_BANNER,)),
     "failures": ("failures", "Failure cases", {'[data-testid="stImage"]': 1}, (RANDOM_BANNER,)),
     "export": ("export", "Export", {'[data-testid="stDownloadButton"]': 4, '[data-testid="stPlotlyChart"]': 1},
                (RANDOM_BANNER, "Per-image scores (CSV)")),
@@ -53,12 +54,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-def server(demo_store: ResultStore) -> Iterator[str]:
-    """``streamlit run dashboard/app.py`` from the repo root (so .streamlit/config.toml applies)."""
+@contextlib.contextmanager
+def running_app(cache: Path) -> Iterator[str]:
+    """``streamlit run dashboard/app.py`` from the repo root (so .streamlit/config.toml applies) on
+    the results store under ``cache``; yields its URL and checks its log when it stops."""
     port = _free_port()
-    env = {**os.environ, "HARMONIAD_NO_DEMO": "1"}  # HARMONIAD_CACHE/STORE point at the demo copy
-    log = (demo_store.root.parent / "streamlit.log").open("w+")
+    env = {**os.environ, "HARMONIAD_NO_DEMO": "1", "HARMONIAD_CACHE": str(cache),
+           "HARMONIAD_STORE": str(cache / "runs")}
+    log = (cache / "streamlit.log").open("w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "dashboard/app.py",
          "--server.port", str(port), "--server.headless", "true"],
@@ -97,6 +100,12 @@ def server(demo_store: ResultStore) -> Iterator[str]:
     assert "usage statistics" not in output.lower(), output
 
 
+@pytest.fixture
+def server(demo_store: ResultStore) -> Iterator[str]:
+    with running_app(demo_store.root.parent) as url:
+        yield url
+
+
 def _settle(page: Page, title: str) -> None:
     """Wait until the page's title is shown and the script has finished running."""
     expect(page.locator("h1", has_text=title).first).to_be_visible(timeout=TIMEOUT_MS)
@@ -123,6 +132,12 @@ def _check_page(page: Page, url: str, path: str) -> None:
     exceptions = page.locator('[data-testid="stException"]')
     assert exceptions.count() == 0, f"{name}: Streamlit exception shown: {exceptions.first.inner_text()}"
     for selector, minimum in selectors.items():
+        # Data frames and charts mount a moment after the script ends: wait for them, then check.
+        try:
+            page.wait_for_function("([s, n]) => document.querySelectorAll(s).length >= n", arg=[selector, minimum],
+                                   timeout=TIMEOUT_MS)
+        except Exception:  # noqa: BLE001 - reported by the assertion below
+            pass
         assert page.locator(selector).count() >= minimum, f"{name}: fewer than {minimum} of {selector}"
     body = page.locator('[data-testid="stMain"]').inner_text()
     for text in texts:

@@ -23,9 +23,11 @@ STAGES = (
     ("maps", ("harmoniad.maps",)),
     ("train", ("harmoniad.train",)),
     ("methods", ("harmoniad.methods",)),
-    ("metrics", ("harmoniad.metrics", "harmoniad.stats", "harmoniad.thresholds", "harmoniad.analysis")),
+    ("metrics", ("harmoniad.metrics", "harmoniad.stats", "harmoniad.thresholds", "harmoniad.analysis",
+                 "harmoniad.operating")),
     ("store", ("harmoniad.store",)),
     ("evaluate", ("harmoniad.evaluate",)),
+    ("reports", ("harmoniad.charts", "harmoniad.report")),
     ("interfaces", ("harmoniad.cli", "harmoniad.__main__", "harmoniad.demo", "harmoniad.visualize", "dashboard",
                     "pages")),
 )

@@ -78,6 +78,26 @@ def test_aupro_at_other_limits_with_ties(fpr_limit):
         reference_aupro(masks, maps, fpr_limit), abs=1e-9)
 
 
+@pytest.mark.parametrize("seed,levels", [(0, None), (1, 6)])
+def test_pixel_curves_are_the_curves_the_metrics_integrate(seed, levels):
+    masks, maps = random_case(seed, levels=levels)
+    c = metrics.pixel_curves(masks, maps)
+    # ROC: its area is the pixel AUROC (ties included); TPR at each vertex is exact.
+    assert np.trapezoid(c["tpr"], c["fpr"]) == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-9)
+    t = np.sort(np.unique(maps[masks]))[len(np.unique(maps[masks])) // 2]
+    flagged = maps >= t
+    point = ((flagged & ~masks).sum() / (~masks).sum(), (flagged & masks).sum() / masks.sum())
+    assert any(np.isclose(f, point[0]) and np.isclose(r, point[1]) for f, r in zip(c["fpr"], c["tpr"]))
+    assert np.all(np.diff(c["tpr"]) >= 0) and c["tpr"][-1] == 1.0
+    # PRO: integrating it to the limit gives the reference AUPRO.
+    assert metrics._trapezoid_to(c["pro_fpr"], c["pro"], 0.3) / 0.3 == pytest.approx(
+        reference_aupro(masks, maps, 0.3), abs=1e-9)
+    assert c["aupro"] == pytest.approx(reference_aupro(masks, maps, 0.3), abs=1e-9)
+    assert c["auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-9)
+    for x in (c["fpr"], c["pro_fpr"]):
+        assert x[0] == 0.0 and x[-1] == 1.0 and np.all(np.diff(x) >= 0)
+
+
 def test_image_batches_give_the_same_numbers(monkeypatch):
     masks, maps = random_case(6, n=6, levels=4)
     whole = pixel_metrics(masks, maps)

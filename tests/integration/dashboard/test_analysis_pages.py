@@ -81,20 +81,37 @@ def test_pages_on_the_demo_store(demo_store: ResultStore) -> None:
 
     at = _open("compare", ids["harmoniad"])
     assert [s.value for s in at.subheader] == [
-        "Per-category metrics", "ROC and precision-recall curves", "HarmoniAD minus baseline", "Ablations"]
+        "Per-category metrics", "Per defect type", "ROC, precision-recall and PRO curves", "HarmoniAD minus baseline",
+        "Statistics", "Ablations"]
     assert sorted(at.multiselect[0].value) == sorted(ids.values())  # newest run of each method
-    roc = _chart(at, "compare_roc")
-    assert {t["name"].split(" (")[0] for t in roc["data"]} == {"HarmoniAD", "PatchCore", "Frequency filter", "chance"}
+    names = {"HarmoniAD", "PatchCore", "Frequency filter"}
+    for key in ("compare_roc", "compare_pixel_roc"):
+        assert {t["name"].split(" (")[0] for t in _chart(at, key)["data"]} == {*names, "chance"}, key
+    pro = _chart(at, "compare_pro")
+    assert {t["name"].split(" (")[0] for t in pro["data"]} == names
+    assert any(shape.get("x0") == 0.3 and shape.get("x1") == 0.3 for shape in pro["layout"]["shapes"])  # the limit
+    assert all(max(_array(t["x"])) <= 0.3 * 1.15 + 1e-9 for t in pro["data"])
+    intervals = _chart(at, "compare_intervals")
+    assert all("error_y" in t for t in intervals["data"])
+    assert _chart(at, "compare_cd")["layout"]["title"]["text"].startswith("Critical-difference diagram")
 
     at = _open("inspect", ids["harmoniad"])
-    captions = " | ".join(_captions(at))
-    for part in ("Image", "Ground truth", "Anomaly map", "High-frequency map", "Low-frequency map", "Predicted"):
-        assert part in captions, f"inspect: no {part!r} panel in {captions}"
+    titles = _map_titles(at)
+    assert titles == ["HarmoniAD", "HarmoniAD: high-frequency map", "HarmoniAD: low-frequency map", "PatchCore",
+                      "Frequency filter"], titles
+    assert "Predicted" in " | ".join(_captions(at))
     assert {m.label for m in at.metric} >= {*COUNTS, "IoU"}
 
     at = _open("failures", ids["harmoniad"])
-    assert any(b.label == "Open in Inspect" for b in at.button)
-    assert any("F1-max" in m.value for m in at.markdown)
+    assert {m.label for m in at.metric} >= {"False positives", "False negatives", "Threshold"}
+    assert [s.value.split(":")[0] for s in at.subheader] == ["False positives (false alarms)",
+                                                              "False negatives (missed defects)"]
+
+
+def _map_titles(at: AppTest) -> list[str]:
+    """Titles of the side-by-side map figures on Inspect, in page order."""
+    return [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")
+            if "inspect_map_" in c.proto.id]
 
 
 def test_compare_difference_matches_the_stored_metrics(demo_store: ResultStore) -> None:
@@ -117,13 +134,13 @@ def test_compare_difference_matches_the_stored_metrics(demo_store: ResultStore) 
 def test_inspect_run_category_and_threshold(demo_store: ResultStore) -> None:
     ids = _run_ids(demo_store)
     at = _open("inspect", ids["patchcore"])
-    info = [i.value for i in at.info]
-    assert any("Not stored for this run" in v for v in info), "a baseline should say it has no branch maps"
+    _no_exception(at, "inspect")
+    # Every method's map of the same image, whichever run is selected; branch maps only for HarmoniAD.
+    assert len(_map_titles(at)) == 5 and "HarmoniAD: high-frequency map" in _map_titles(at)
 
     at.selectbox(key="inspect_run").select(ids["harmoniad"]).run()
     _no_exception(at, "inspect")
     assert at.session_state[nav.RUN_KEY] == ids["harmoniad"]
-    assert "High-frequency map" in " | ".join(_captions(at))
 
     category = at.selectbox(key="inspect_category")
     other = [c for c in category.options if c != category.value][0]
@@ -150,17 +167,25 @@ def test_inspect_run_category_and_threshold(demo_store: ResultStore) -> None:
 def test_a_failure_case_opens_in_inspect(demo_store: ResultStore) -> None:
     ids = _run_ids(demo_store)
     at = _open("failures", ids["patchcore"])
+    at.radio(key="threshold_rule_failures").set_value("target_fpr").run()
+    at.number_input(key="threshold_target_fpr_failures").set_value(0.0).run()  # no normal image flagged
     category = at.selectbox(key="failures_category")
-    category.select(category.options[-1]).run()
-    buttons = [b for b in at.button if b.key and b.key.startswith("failures_open_")]
-    target = buttons[-1]  # the last miss: a defective image
+    for name in category.options:
+        at.selectbox(key="failures_category").select(name).run()
+        buttons = [b for b in at.button if b.key and b.key.startswith("failures_open_")]
+        if buttons:
+            break
+    assert buttons, "no failure case in any category at FPR 0"
+    target = buttons[-1]  # the last false negative: a defective image
     index = int(target.key.rsplit("_", 1)[1])
     target.click().run()
     _no_exception(at, "inspect")
     assert [t.value for t in at.title] == ["Inspect an image"]
     assert at.selectbox(key="inspect_image").value == index
     assert at.selectbox(key="inspect_run").value == ids["patchcore"]
-    assert at.selectbox(key="inspect_category").value == category.options[-1]
+    assert at.selectbox(key="inspect_category").value == name
+    # The operating point chosen on Failure cases is the app-wide one: Inspect uses it too.
+    assert at.radio(key="threshold_rule_inspect").value == "target_fpr"
 
 
 @pytest.mark.parametrize("deleted", ["run folder", "maps"])
@@ -208,8 +233,31 @@ def test_missing_image_files_still_show_the_maps(demo_store: ResultStore, tmp_pa
     at = _open("inspect", run_id)
     _no_exception(at, "inspect")
     assert any("image file is missing" in w.value for w in at.warning)
-    captions = " | ".join(_captions(at))
-    assert "Image file missing" in captions and "Anomaly map" in captions and "Low-frequency map" in captions
+    assert _map_titles(at)[:3] == ["HarmoniAD", "HarmoniAD: high-frequency map", "HarmoniAD: low-frequency map"]
     at = _open("failures", run_id)
     _no_exception(at, "failures")
     assert any("image file missing" in c.value for c in at.caption)
+
+
+def test_a_chosen_defect_type_filters_failure_cases_and_inspect(demo_store: ResultStore) -> None:
+    ids = _run_ids(demo_store)
+    images = demo_store.load_images(ids["harmoniad"])
+    defective = images[images["label"] == 1].iloc[-1]
+    chosen = (str(defective["category"]), str(defective["defect"]))
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state[nav.RUN_KEY] = ids["harmoniad"]
+    at.session_state[nav.DEFECT_KEY] = chosen  # what clicking a row of the per-defect table sets
+    at.run()
+    at.switch_page("../pages/failures.py").run()
+    _no_exception(at, "failures")
+    assert at.selectbox(key="failures_category").value == chosen[0]
+    assert at.selectbox(key="failures_defect").value == chosen[1]
+    assert all(chosen[1] in c.value for c in at.caption if c.value.startswith(f"{chosen[1]}/"))
+    at.switch_page("../pages/inspect.py").run()
+    _no_exception(at, "inspect")
+    assert at.selectbox(key="inspect_defect").value == chosen[1]
+    shown = images.set_index("index").loc[at.selectbox(key="inspect_image").value]
+    assert (shown["category"], shown["defect"]) == chosen
+    # The per-defect table on Compare and Overview sets that key when a row is clicked.
+    at.switch_page("../pages/compare.py").run()
+    assert any(d.proto.id.endswith("compare_defects") or "compare_defects" in d.proto.id for d in at.dataframe)

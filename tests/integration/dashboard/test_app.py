@@ -70,7 +70,7 @@ def test_overview_lists_runs_leaderboard_and_published(demo_store: ResultStore) 
     at = _app().run()
     assert not at.exception
     assert "Random backbone weights" in _texts(at.warning)
-    runs, board, published = at.dataframe[0].value, at.dataframe[1].value, at.dataframe[2].value
+    runs, board, published = at.dataframe[0].value, at.dataframe[1].value, at.dataframe[-1].value
     assert len(runs) == 3 and runs["Random weights"].any()
     assert set(board["Method"]) == {"HarmoniAD", "PatchCore", "Frequency filter"}
     assert {"weave", "flange", "Mean"} <= set(board.columns)
@@ -88,7 +88,7 @@ def test_published_numbers_sit_beside_measured_ones_on_the_same_benchmark(empty_
     _tiny_run(empty_store, dataset="mvtec")
     at = _app().run()
     assert not at.exception
-    table = at.dataframe[2].value
+    table = at.dataframe[-1].value
     measured = table[table["Kind"] == "measured here"]
     assert list(measured["Method"]) == ["Frequency filter"] and measured["Image AUROC"].iloc[0] == "100.0"
     assert measured["Source"].iloc[0].startswith("measured here, run ")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import sqlite3
@@ -407,6 +408,25 @@ def test_export_csv(store: ResultStore, tmp_path: Path) -> None:
     assert list(metrics["category"]) == ["a", "b", "mean"]
     assert metrics.iloc[2]["image_auroc"] == pytest.approx(metrics.iloc[:2]["image_auroc"].mean())
     assert len(pd.read_csv(images_csv)) == 6 and run in run_json.read_text()
+    # Random backbone weights: every exported file says the numbers are not a result.
+    for table in (metrics, pd.read_csv(images_csv)):
+        assert set(table["weights"]) == {"random weights: not a result"}
+    assert json.loads(run_json.read_text())["weights_statement"] == "random weights: not a result"
+
+
+@pytest.mark.parametrize("backbone,random,expected", [
+    ({"model": "ViT-B-16", "weights": "openai", "random": False}, None, "ViT-B-16 pretrained tag openai"),
+    ({"model": "ViT-B-16", "weights": "file", "weights_sha256": "ab12", "random": False}, None,
+     "ViT-B-16 weights file sha256 ab12"),
+    ({"model": "harmoniad-tiny", "weights": "random", "random": True}, None, "random weights: not a result"),
+    ({"model": "ViT-B-16", "weights": "openai"}, True, "random weights: not a result"),
+    (None, None, "no backbone weights (pixel-space method)"),
+])
+def test_weights_statement(store: ResultStore, backbone, random, expected) -> None:
+    from harmoniad.store.export import weights_statement
+
+    run = new_run(store, categories=["a"], backbone=backbone, random_weights=random)
+    assert weights_statement(store.get_run(run)) == expected
 
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:

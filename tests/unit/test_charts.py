@@ -1,4 +1,4 @@
-"""Tests of dashboard.charts: numbers against scikit-learn or hand counts, figures by their data."""
+"""Tests of harmoniad.charts: numbers against scikit-learn or hand counts, figures by their data."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import f1_score, precision_recall_curve, roc_auc_score, roc_curve
 
-from dashboard import charts
+from harmoniad import charts
 from harmoniad.store import METRIC_COLUMNS
 
 
@@ -238,18 +238,102 @@ def test_map_range_and_resizing() -> None:
 # ----------------------------------------------------------------------------- failure cases
 
 
-def test_failure_cases_rank_alarms_and_misses_and_flag_them_at_the_threshold() -> None:
+def test_misclassified_lists_only_errors_at_the_threshold_most_wrong_first() -> None:
     images = pd.DataFrame({
-        "index": np.arange(8),
-        "label": [0, 0, 0, 0, 1, 1, 1, 1],
-        "score": [0.1, 0.7, 0.4, 0.7, 0.9, 0.3, 0.6, 0.5],
+        "index": np.arange(9),
+        "label": [0, 0, 0, 0, 1, 1, 1, 1, 1],
+        "score": [0.1, 0.7, 0.6, 0.9, 0.9, 0.3, 0.6, 0.5, 0.55],
     })
-    alarms, misses = charts.failure_cases(images, k=3, threshold=0.55)
-    assert list(alarms["index"]) == [1, 3, 2]  # score descending, ties by index
-    assert list(alarms["rank"]) == [1, 2, 3]
-    assert list(alarms["failed"]) == [True, True, False]
-    assert list(misses["index"]) == [5, 7, 6]  # score ascending
-    assert list(misses["failed"]) == [True, True, False]
-    alarms, misses = charts.failure_cases(images, k=10)
-    assert len(alarms) == 4 and len(misses) == 4
-    assert alarms["failed"].isna().all()
+    fps, fns = charts.misclassified(images, threshold=0.55)
+    assert list(fps["index"]) == [3, 1, 2]  # normal and score > 0.55, farthest above first
+    assert list(fps["rank"]) == [1, 2, 3]
+    np.testing.assert_allclose(fps["margin"], [0.35, 0.15, 0.05])
+    assert list(fns["index"]) == [5, 7, 8]  # defective and score <= 0.55 (0.55 itself is not flagged)
+    fps, fns = charts.misclassified(images, threshold=1.0)
+    assert fps.empty and len(fns) == 5
+
+
+# ----------------------------------------------------------------------------- maps, defects, statistics
+
+
+def test_map_figure_colours_the_given_range_and_outlines_the_ground_truth() -> None:
+    values = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    mask = np.zeros((64, 64), bool)
+    mask[10:20, 10:20] = True
+    base = np.zeros((64, 64, 3), np.uint8)
+    fig = charts.map_figure(values, base=base, lo=0.2, hi=0.7, opacity=0.4, mask=mask, title="m")
+    kinds = [t.type for t in fig.data]
+    assert kinds == ["image", "heatmap", "contour"]
+    heat = fig.data[1]
+    assert (heat.zmin, heat.zmax, heat.opacity) == (0.2, 0.7, 0.4) and heat.colorbar.orientation == "h"
+    assert fig.data[2].contours.start == fig.data[2].contours.end == 0.5
+    no_defect = charts.map_figure(values, base=None, lo=0.0, hi=1.0, opacity=0.4, mask=np.zeros_like(mask), title="m")
+    assert [t.type for t in no_defect.data] == ["heatmap"] and no_defect.data[0].opacity == 1.0
+
+
+def test_pixel_curves_figure_marks_the_aupro_limit() -> None:
+    rng = np.random.default_rng(0)
+    masks = np.zeros((3, 16, 16), bool)
+    masks[1, 4:8, 4:8] = True
+    maps = rng.random((3, 16, 16)).astype(np.float32) + masks
+    roc, pro, skipped = charts.pixel_curve_figures({"A": (masks, maps), "B": (np.zeros_like(masks), maps)})
+    assert list(skipped) == ["B"]
+    assert [t.name.split(" (")[0] for t in roc.data] == ["A", "chance"]
+    assert max(pro.data[0].x) <= charts.FPR_LIMIT * 1.15
+    assert any(s.x0 == s.x1 == charts.FPR_LIMIT for s in pro.layout.shapes)
+
+
+def test_defect_table_uses_stored_metrics_and_counts_detections_at_the_threshold() -> None:
+    defects = pd.DataFrame({"category": ["c", "c"], "defect": ["crack", "dent"], "n": [2, 1], "n_masked": [2, 1],
+                            "image_auroc": [0.75, 1.0], "pixel_auroc": [0.9, np.nan], "aupro": [0.5, 0.4]})
+    images = pd.DataFrame({"category": "c", "defect": ["good", "good", "crack", "crack", "dent"],
+                           "label": [0, 0, 1, 1, 1], "score": [0.1, 0.5, 0.4, 0.9, 0.6]})
+    table = charts.defect_table({"A": (defects, images)}, {("A", "c"): 0.45})
+    assert list(table["defect"]) == ["crack", "dent"]
+    assert list(table["image AUROC (%)"]) == [75.0, 100.0] and np.isnan(table["pixel AUROC (%)"].iloc[1])
+    assert list(table["detected"]) == [1, 1] and list(table["detected (%)"]) == [50.0, 100.0]
+    assert charts.defect_table({"A": (defects, images)})["detected"].isna().all()  # no threshold: not counted
+    fig = charts.defect_bars(table)
+    assert fig.data[0].orientation == "h" and list(fig.data[0].y) == ["c / crack (2)", "c / dent (1)"]
+
+
+def test_significance_stars_follow_the_p_values() -> None:
+    tests = pd.DataFrame({"category": ["a", "b"], "n_images": [10, 10], "image_auroc_diff": [0.2, -0.05],
+                          "delong_p": [0.01, 0.4]})
+    fig = charts.significance_bars(tests, "A", "B")
+    assert list(fig.data[0].text) == ["★ +20.0", "-5.0"]
+
+
+def test_cd_diagram_from_the_stores_friedman_result() -> None:
+    result = {"methods": ["harmoniad (r1)", "patchcore (r2)", "freqfilter (r3)"], "p_value": 0.02,
+              "average_ranks": {"harmoniad (r1)": 1.0, "patchcore (r2)": 3.0, "freqfilter (r3)": 2.0},
+              "critical_difference": 1.66, "n_categories": 4, "cliques": [["freqfilter (r3)", "patchcore (r2)"]]}
+    ranks = charts.relabel_ranks(result, ["A", "B", "C"])
+    assert ranks["average_ranks"] == [1.0, 3.0, 2.0] and ranks["cliques"] == [["C", "B"]] and ranks["n_datasets"] == 4
+    fig = charts.cd_diagram(ranks)
+    texts = [a.text for a in fig.layout.annotations]
+    assert "A (1.00)" in texts and "CD = 1.66" in texts
+    bars = [t for t in fig.data if t.line.width == 5]  # the clique bar spans C..B
+    assert len(bars) == 1 and list(bars[0].x) == [2.0, 3.0]
+
+
+def test_every_chart_puts_its_legend_below_the_plot() -> None:
+    table = charts.comparison_table({"r1": pd.DataFrame({"category": ["a"], "status": ["ok"],
+                                                         **{m: [0.5] for m in charts.METRIC_COLUMNS}})}, {"r1": "A"})
+    fig = charts.category_bars(table, "image_auroc")
+    assert fig.layout.legend.yref == "container" and fig.layout.legend.y == 0 and fig.layout.title.x == 0
+
+
+def test_percentiles_put_every_method_on_one_scale() -> None:
+    rng = np.random.default_rng(0)
+    small, large = rng.random((4, 8, 8)), rng.random((4, 8, 8)) * 1000 + 50  # different units, same ranks
+    q_small, q_large = charts.score_quantiles(list(small)), charts.score_quantiles(list(large))
+    # A map of each method with the same ranks gets the same percentiles, whatever its units.
+    np.testing.assert_allclose(charts.to_percentiles(small[0], q_small),
+                               charts.to_percentiles(small[0] * 1000 + 50, charts.score_quantiles(list(small * 1000 + 50))),
+                               atol=1e-3)
+    assert q_large[0] >= 50
+    p = charts.to_percentiles(np.array([-1.0, np.median(small), 2.0]), q_small)
+    assert p[0] == 0.0 and p[2] == 100.0 and abs(p[1] - 50.0) < 1.0
+    constant = charts.score_quantiles([np.ones((4, 4))])
+    assert list(charts.to_percentiles(np.array([0.5, 1.0]), constant)) == [0.0, 100.0]

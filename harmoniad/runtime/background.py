@@ -1,0 +1,68 @@
+"""A background writer: slow host work (metrics, store writes) off the scoring loop, in order.
+
+Scoring a category and recording the previous one overlap: the GPU (or the main thread)
+goes on while one worker thread computes metrics and writes files. At most ``depth`` jobs
+wait, so memory stays bounded (a category's maps are held until its job ran) and a slow
+disk slows the run down instead of filling the memory. A job's exception is re-raised in
+the caller at the next :meth:`BackgroundWriter.submit` or at :meth:`BackgroundWriter.drain`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from types import TracebackType
+from typing import Any
+
+
+class BackgroundWriter:
+    """Runs submitted jobs one after another on one worker thread, at most ``depth`` waiting."""
+
+    def __init__(self, depth: int = 1, name: str = "harmoniad-writer") -> None:
+        if depth < 1:
+            raise ValueError(f"BackgroundWriter.depth must be >= 1, got {depth}")
+        self.depth = depth
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._pending: deque[Future[Any]] = deque()
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]:
+        """Queue ``fn(*args, **kwargs)``; first waits until fewer than ``depth`` jobs are queued."""
+        self._collect(keep=self.depth - 1)
+        future = self._pool.submit(fn, *args, **kwargs)
+        self._pending.append(future)
+        return future
+
+    def drain(self) -> None:
+        """Wait for every queued job; re-raises the first job error."""
+        self._collect(keep=0)
+
+    def close(self, *, cancel: bool = False) -> None:
+        """Stop the worker; ``cancel`` drops jobs that have not started (after a failure)."""
+        if cancel:
+            for future in self._pending:
+                future.cancel()
+            self._pending.clear()
+        self._pool.shutdown(wait=True, cancel_futures=cancel)
+
+    def _collect(self, keep: int) -> None:
+        # Finished jobs are collected as they come, so an error surfaces at the next call.
+        while self._pending and (len(self._pending) > keep or self._pending[0].done()):
+            self._pending.popleft().result()
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            try:
+                self.drain()
+            finally:
+                self.close(cancel=True)
+        else:
+            self.close(cancel=True)
+
+
+__all__ = ["BackgroundWriter"]

@@ -1,0 +1,65 @@
+"""BackgroundWriter: jobs run in order off the caller's thread, a bounded queue, errors reach the caller."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from harmoniad.runtime.background import BackgroundWriter
+
+
+def test_jobs_run_in_order_on_another_thread_and_drain_waits_for_all():
+    done: list[tuple[int, str]] = []
+    with BackgroundWriter(depth=2) as writer:
+        for i in range(6):
+            writer.submit(lambda i=i: (time.sleep(0.005), done.append((i, threading.current_thread().name))))
+    assert [i for i, _ in done] == list(range(6))
+    assert all(name != threading.current_thread().name for _, name in done)
+
+
+def test_submit_blocks_while_depth_jobs_wait_so_memory_stays_bounded():
+    release = threading.Event()
+    started = []
+    writer = BackgroundWriter(depth=1)
+    writer.submit(lambda: (started.append(1), release.wait(5)))
+    blocked = threading.Event()
+
+    def second() -> None:
+        writer.submit(lambda: None)  # must wait: one job is already queued
+        blocked.set()
+
+    t = threading.Thread(target=second)
+    t.start()
+    assert not blocked.wait(0.3)
+    release.set()
+    assert blocked.wait(5)
+    t.join()
+    writer.drain()
+    writer.close()
+
+
+def test_a_job_error_surfaces_at_the_next_call_and_later_jobs_are_dropped():
+    ran = []
+    writer = BackgroundWriter(depth=1)
+    writer.submit(lambda: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        writer.submit(lambda: ran.append("never queued"))
+        writer.drain()
+    writer.close(cancel=True)
+    assert ran == []
+
+
+def test_leaving_with_an_exception_cancels_what_has_not_started():
+    ran = []
+    gate = threading.Event()
+    with pytest.raises(KeyError):
+        with BackgroundWriter(depth=3) as writer:
+            writer.submit(lambda: gate.wait(5))
+            writer.submit(lambda: ran.append("queued"))
+            threading.Timer(0.2, gate.set).start()  # the running job ends after the exception
+            raise KeyError("cancelled")
+    assert ran == []
+    with pytest.raises(ValueError, match="depth"):
+        BackgroundWriter(depth=0)

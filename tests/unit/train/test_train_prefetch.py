@@ -1,0 +1,47 @@
+"""Training loads the next step's features on a background thread, in the same order as one at a time."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from harmoniad.backbone.sources import TensorSource
+from harmoniad.model import ModelConfig
+from harmoniad.train import TrainConfig, train
+from harmoniad.train.loop import _epoch_order
+
+MODEL = ModelConfig(hidden_dim=16, fsam_heads=2, gscm_heads=2, decoder_heads=2, fsam_window=4)
+
+
+class _Recording(TensorSource):
+    """Records, per load, the indices, the thread and how many steps had finished."""
+
+    def __init__(self, feats, finished: list[int]) -> None:
+        super().__init__(feats)
+        self.finished = finished
+        self.calls: list[tuple[list[int], str, int]] = []
+
+    def load(self, indices):
+        self.calls.append((list(indices), threading.current_thread().name, len(self.finished)))
+        return super().load(indices)
+
+
+def test_next_batch_is_loaded_ahead_on_the_loader_thread_in_the_same_order(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    feats = [torch.randn(10, 16, 6, 6, generator=gen) for _ in range(2)]
+    finished: list[int] = []
+    source = _Recording(feats, finished)
+    cfg = TrainConfig(max_steps=7, batch_size=4, seed=3)
+    train(source, None, MODEL, cfg, tmp_path / "ckpt", device="cpu",
+          progress=lambda e: finished.append(e.done) if e.task == "train" else None)
+    probe, *steps = source.calls
+    assert probe[0] == [0] and len(steps) == 7  # one load per step, none past the last one
+    expected = []
+    for step in range(7):  # what a step-by-step loop would load: epochs of 10 in batches of 4, 4, 2
+        epoch, pos = divmod(step, 3)
+        expected.append(_epoch_order(cfg.seed, epoch, 10)[pos * 4 : (pos + 1) * 4].tolist())
+    assert [indices for indices, _, _ in steps] == expected
+    assert all(name.startswith("harmoniad-train-loader") for _, name, _ in steps)
+    # Step k's batch is requested before step k - 1 has finished (loaded ahead), never earlier.
+    assert all(done <= max(0, k - 1) for k, (_, _, done) in enumerate(steps))
