@@ -375,7 +375,7 @@ def _threshold_section(info: RunInfo, category: str, maps: dict, mask: np.ndarra
     canvas = base if base is not None else heatmap_rgb(anomaly)
     left, right = st.columns([1, 2])
     left.image(charts.draw_outline(charts.paint_mask(canvas, predicted), mask),
-               caption="Predicted anomalous pixels (red) and ground truth (green outline)", width="stretch")
+               caption="Predicted anomalous pixels (red) and ground truth (cyan outline)", width="stretch")
     with right:
         cols = st.columns(3)
         cols[0].metric("True positives", f"{counts['tp']:,}", help="Defect pixels predicted anomalous.")
