@@ -47,6 +47,13 @@ class FeatureSource(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
+def paths_digest(paths: Sequence[str | Path]) -> str:
+    """A short hash of a set of image paths (order-independent), naming a training set."""
+    # surrogateescape: a file name that is not UTF-8 hashes by its bytes instead of failing.
+    names = "\n".join(sorted(str(p) for p in paths)).encode("utf-8", "surrogateescape")
+    return hashlib.sha256(names).hexdigest()[:16]
+
+
 def in_order(source: FeatureSource, batch_size: int) -> Iterator[list[torch.Tensor]]:
     """The features of images ``0..N-1`` of ``source`` in order, ``batch_size`` at a time."""
     own = getattr(source, "batches", None)
@@ -138,10 +145,7 @@ class CacheSource(IndexedSource):
         return self.cache.load([self.paths[i] for i in indices])
 
     def describe(self) -> dict[str, Any]:
-        # surrogateescape: a file name that is not UTF-8 hashes by its bytes instead of failing.
-        names = "\n".join(sorted(str(p) for p in self.paths)).encode("utf-8", "surrogateescape")
-        digest = hashlib.sha256(names).hexdigest()[:16]
-        return {"images": len(self), "paths_sha256": digest, **self._description}
+        return {"images": len(self), "paths_sha256": paths_digest(self.paths), **self._description}
 
 
 class BackboneSource(IndexedSource):
@@ -186,7 +190,9 @@ class BackboneSource(IndexedSource):
             yield from chunks.run(batch_len(images), forward)
 
     def describe(self) -> dict[str, Any]:
-        return {"images": len(self), "backbone": self.backbone.key, **self._description}
+        # No backbone key here: the checkpoint records the backbone config itself, and a model
+        # trained on live features must have the same identity as one trained from the cache.
+        return {"images": len(self), **self._description}
 
 
 def source_for(
@@ -210,9 +216,17 @@ def source_from_samples(
     cache_root: Path | None = None,
     device: str | torch.device = "auto",
     progress: ProgressFn | None = None,
-) -> CacheSource:
-    """Extract (or find) the cached features of normal training samples and wrap them."""
+    online: bool | None = None,
+) -> CacheSource | BackboneSource:
+    """The features of normal training samples: cached (extracted or found) or computed on the fly.
+
+    ``online`` None chooses by device: on a GPU the backbone runs on the fly for every batch
+    (one epoch of MVTec's 3,629 training images takes seconds there, and a ViT-L feature
+    cache of a whole sweep would not fit a GPU machine's disk); on a CPU the features are
+    cached once, since many epochs and methods re-read them.
+    """
     from harmoniad.backbone.cache import FeatureCache
+    from harmoniad.runtime.device import resolve_device
 
     if not samples:
         raise ValueError("train: no training samples")
@@ -222,9 +236,15 @@ def source_from_samples(
             f"train: HarmoniAD trains on normal images only, got {len(anomalous)} anomalous samples "
             f"(first: {anomalous[0]})"
         )
-    cache = FeatureCache(backbone, root=cache_root, device=device)
+    dev = resolve_device(device)
     paths = [s.image_path for s in samples]
+    categories = sorted({s.category for s in samples})
+    if online if online is not None else dev.type == "cuda":
+        # The same description as the cached source: a checkpoint's identity does not depend on where
+        # its features came from.
+        return BackboneSource(Backbone(backbone, dev), paths,
+                              {"paths_sha256": paths_digest(paths), "categories": categories})
+    cache = FeatureCache(backbone, root=cache_root, device=dev)
     # Collective under torchrun (every rank trains on the same samples): each extracts a share.
     cache.ensure(paths, progress=progress, distributed=True)
-    categories = sorted({s.category for s in samples})
     return CacheSource(cache, paths, {"categories": categories})
