@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
@@ -44,6 +45,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _print_landed(cache: Path, started: datetime) -> None:
+    """When each stored run was created and last updated, in seconds after the server started."""
+    runs = ResultStore(cache / "runs").list_runs(check_stale=False)
+    for _, run in runs.iloc[::-1].iterrows():
+        created = (datetime.fromisoformat(run["created"]) - started).total_seconds()
+        updated = (datetime.fromisoformat(run["updated"]) - started).total_seconds()
+        print(f"  {run['method']:22s} created +{created:5.1f} s, {run['n_ok']} categories stored by +{updated:5.1f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timeout-min", type=float, default=20.0)
@@ -58,6 +68,7 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         log = (Path(tmp) / "streamlit.log").open("w+")
         t0 = time.monotonic()
+        started = datetime.now(UTC)
         proc = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.port", str(port),
              "--server.headless", "true"],
@@ -89,6 +100,7 @@ def main() -> None:
                 page.screenshot(path=str(OUT / "first-start-first-results.png"), full_page=True)
                 if args.first_only:
                     browser.close()
+                    _print_landed(cache, started)
                     return
                 page.wait_for_timeout(20_000)
                 page.screenshot(path=str(OUT / "first-start-demo-running.png"))

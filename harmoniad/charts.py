@@ -360,7 +360,11 @@ def map_range(maps: Sequence[np.ndarray]) -> tuple[float, float]:
     return (lo, hi) if hi > lo else (lo, lo + 1.0)
 
 
-def draw_outline(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] = (0, 255, 0)) -> np.ndarray:
+#: Ground truth is drawn as a cyan line everywhere (distinct from the inferno map colours and the red fill).
+OUTLINE_RGB = (0, 229, 255)
+
+
+def draw_outline(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] = OUTLINE_RGB) -> np.ndarray:
     """A copy of ``image`` (H x W x 3 uint8) with the boundary of ``mask`` painted in ``colour``.
 
     The outline is two pixels wide so it stays visible when a small map is shown enlarged.

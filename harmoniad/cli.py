@@ -395,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--image-score", choices=["top_mean", "max"], default="top_mean")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per batch (default: from free GPU memory, 64-256; 16 on the CPU)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threshold", choices=["fpr", "max", "none"], default="fpr",
                    help="stored threshold to apply (fitted by evaluate on held-out training normals: "

@@ -240,7 +240,7 @@ def evaluate(
                 store.fail_run(run_id, weights_error)
             outer.update(len(categories) + 1, method=name)
             continue
-        if store is None:  # a non-main rank: its share of the work goes to rank 0's run
+        if not main:  # a compute-only rank: its share of the work goes to rank 0's run
             _run_method(method, ctx, "", None, fit_train, test, categories, outer,
                         screen=screen, broken=loaded.broken, mask_memo=mask_memo, held=held, request=request)
             continue
@@ -271,7 +271,7 @@ def _run_method(
     method: Method,
     ctx: Context,
     run_id: str,
-    store: ResultStore | None,
+    record_to: ResultStore | None,
     train: list[Sample],
     test: list[Sample],
     categories: list[str],
@@ -294,7 +294,8 @@ def _run_method(
     ``mask_memo`` memoises ground-truth masks by the kept samples' mask paths, shared by methods
     (normal images have no mask path; equal keys then mean equal all-zero masks).
 
-    ``store`` is None on the non-main ranks of a torchrun job: they fit and predict their
+    ``record_to`` is the store on the recording process and None on a compute-only one (a
+    non-main rank of a torchrun job): compute-only ranks fit and predict their
     share, rank 0 records everything. Every rank takes the same branches (failures are
     agreed on collectively), so none waits forever at a collective.
     """
@@ -307,16 +308,16 @@ def _run_method(
         except Exception as exc:  # noqa: BLE001 - agreed on below, then recorded
             error = f"{exc!r}\n{traceback.format_exc()}"
         error = _first_error(error)
-        if store is not None:
-            store.add_skipped(run_id, [(f.category, f.path, f.reason) for f in screen.skipped(train)], split="train")
+        if record_to is not None:
+            record_to.add_skipped(run_id, [(f.category, f.path, f.reason) for f in screen.skipped(train)], split="train")
             # Held-out normals are screened now, so their unusable files are listed too.
             screen.keep(held)
-            store.add_skipped(run_id, [(f.category, f.path, f.reason) for f in screen.skipped(held)], split="train")
+            record_to.add_skipped(run_id, [(f.category, f.path, f.reason) for f in screen.skipped(held)], split="train")
         if error is not None:
             raise _FitFailed(error)
     except _FitFailed as failed:  # recorded, the next method goes on
-        if store is not None:
-            store.fail_run(run_id, f"fit failed: {failed}")
+        if record_to is not None:
+            record_to.fail_run(run_id, f"fit failed: {failed}")
         outer.update(len(categories) + 1, method=method.name)
         return
     outer.update(method=method.name, step="fit")
@@ -326,10 +327,10 @@ def _run_method(
     def record(category: str, samples: list[Sample], pred: Prediction, masks: np.ndarray,
                normal_scores: np.ndarray | None, t0: float, skipped: list[tuple[str, str]]) -> None:
         """Metrics and store writes of a scored category (on the writer thread); a failure is recorded."""
-        assert store is not None
+        assert record_to is not None
         try:
             report = record_category(
-                store, run_id, category, samples, pred, masks=masks, t0=t0, normal_scores=normal_scores,
+                record_to, run_id, category, samples, pred, masks=masks, t0=t0, normal_scores=normal_scores,
                 target_fpr=request.target_fpr, n_resamples=request.n_resamples,
                 seed=category_seed(request.seed, category), skipped=skipped,
             )
@@ -338,13 +339,13 @@ def _run_method(
             fitted[category] = {k: {f: x for f, x in v.items() if f != "test"}
                                 for k, v in report.details["thresholds"].items() if k != "oracle"}
         except Exception as exc:  # noqa: BLE001 - recorded, the other categories go on
-            store.fail_category(run_id, category, f"{exc!r}\n{traceback.format_exc()}", skipped=skipped)
+            record_to.fail_category(run_id, category, f"{exc!r}\n{traceback.format_exc()}", skipped=skipped)
 
     with BackgroundWriter() as writer:
         for category in categories:
             if category in broken:
-                if store is not None:
-                    store.fail_category(run_id, category, broken[category])
+                if record_to is not None:
+                    record_to.fail_category(run_id, category, broken[category])
                 outer.update(method=method.name, category=category)
                 continue
             listed = [s for s in test if s.category == category]
@@ -352,7 +353,7 @@ def _run_method(
 
             def score(kept: list[Sample]) -> tuple[Prediction | None, np.ndarray | None]:
                 pred = _predict(method, kept, ctx)
-                if store is None:
+                if record_to is None:
                     return pred, None
                 key = tuple(s.mask_path for s in kept)
                 if key not in mask_memo:
@@ -362,7 +363,7 @@ def _run_method(
             try:
                 normal_scores = _held_out_scores(method, [s for s in held if s.category == category], ctx, screen)
                 (pred, masks), samples = screen.run(score, listed)
-                if store is None:  # a non-main rank: its share was gathered to rank 0
+                if record_to is None:  # a non-main rank: its share was gathered to rank 0
                     continue
                 # Metrics and store writes run on the writer thread while the next category is scored.
                 writer.submit(record, category, samples, pred, masks, normal_scores, t0,
@@ -370,13 +371,13 @@ def _run_method(
             except Cancelled:
                 raise
             except Exception as exc:  # noqa: BLE001 - recorded, the other categories go on
-                if store is not None:
-                    store.fail_category(run_id, category, f"{exc!r}\n{traceback.format_exc()}",
+                if record_to is not None:
+                    record_to.fail_category(run_id, category, f"{exc!r}\n{traceback.format_exc()}",
                                         skipped=_pairs(screen.skipped(listed)))
             outer.update(method=method.name, category=category)
         writer.drain()
-    if store is not None:
-        store.set_run_details(run_id, {
+    if record_to is not None:
+        record_to.set_run_details(run_id, {
             "mean_intervals": mean_intervals(reports), "n_resamples": request.n_resamples,
             "interval_level": LEVEL, "target_fpr": request.target_fpr,
             "threshold_holdout": request.threshold_holdout, "seed": request.seed,
@@ -384,7 +385,7 @@ def _run_method(
         checkpoint = getattr(method, "checkpoint", None)
         if checkpoint is not None and any(fitted.values()):
             save_checkpoint_thresholds(Path(checkpoint), fitted, _score_settings(method, ctx))
-        store.finish_run(run_id)
+        record_to.finish_run(run_id)
 
 
 def _held_out_scores(method: Method, held: list[Sample], ctx: Context, screen: Screen) -> np.ndarray | None:

@@ -47,9 +47,10 @@ class Fitted:
     target_fpr: float | None
 
     def describe(self) -> str:
-        n = f"{self.n_normals} " if self.n_normals else ""
+        n = "" if not self.n_normals else f"{self.n_normals} " if self.n_normals > 1 else "1 "
+        images = "image" if self.n_normals == 1 else "images"
         fpr = f" at a target false-positive rate of {self.target_fpr:.0%}" if self.target_fpr is not None else ""
-        return f"fitted on {n}held-out normal training images{fpr} (no test label used)"
+        return f"fitted on {n}held-out normal training {images}{fpr} (no test label used)"
 
 
 @dataclass(frozen=True)

@@ -75,8 +75,7 @@ def _thumbnail(store: ResultStore, info: RunInfo, row: pd.Series, scale: tuple[f
     except (DatasetError, OSError):
         picture = heatmap_rgb(values, lo, hi)
     if "mask" in maps and maps["mask"].any():
-        picture = charts.draw_outline(picture, charts.fit_map(maps["mask"].astype(np.float32), THUMB) > 0.5,
-                                      colour=(0, 229, 255))
+        picture = charts.draw_outline(picture, charts.fit_map(maps["mask"].astype(np.float32), THUMB) > 0.5)
     return _png(picture)
 
 

@@ -143,7 +143,7 @@ def main() -> None:
         defect = _defect_choice(rows, category)
     k = c3.slider("Cards per list", 2, 32, 8, step=2, key="failures_k")
     with_map = c4.toggle("Overlay the anomaly map", value=True, key="failures_map",
-                         help="Shows where the detector looked; the green outline is the ground truth.")
+                         help="Shows where the detector looked; the cyan outline is the ground truth.")
     dec = thresholds.decision(rule, rows, fitted=state.fitted_thresholds(info).get(str(category)),
                               target_fpr=target_fpr)
     if dec.threshold is None:
@@ -176,7 +176,7 @@ def main() -> None:
         elif maps:
             scale = charts.map_range([m["anomaly"] for m in maps.values()])
             st.caption("Anomaly maps share one colour scale across both lists (dark = normal, bright = "
-                       "anomalous); the green outline is the ground truth.")
+                       "anomalous); the cyan outline is the ground truth.")
     st.subheader(f"False positives (false alarms): {counts['fp']}, showing {len(fps)}")
     _gallery(info, fps, "FP", maps, scale, with_map)
     title = f"False negatives (missed defects): {counts['fn']}" + (f", {defect} only" if defect != ALL_DEFECTS else "")

@@ -182,7 +182,8 @@ def _choose_image(table: pd.DataFrame, selected: int) -> int:
     if st.session_state.get(DEFECT_WIDGET) not in defects or (
             st.session_state.get(DEFECT_WIDGET) != ALL_DEFECTS and st.session_state[DEFECT_WIDGET] != row["defect"]):
         st.session_state[DEFECT_WIDGET] = ALL_DEFECTS
-    c1, c2, c3, c4, c5 = st.columns([2, 2, 2, 4, 2], vertical_alignment="bottom")
+    c1, c2, c3 = st.columns(3, vertical_alignment="bottom")
+    c4, c5, c6 = st.columns([6, 1, 1], vertical_alignment="bottom")
     category = c1.selectbox("Category", categories, key=CATEGORY_KEY, on_change=_on_category, args=(table,))
     how = c2.selectbox("Show", list(FILTERS), format_func=FILTERS.__getitem__, key=FILTER_KEY,
                        on_change=_on_filter, args=(table,))
@@ -196,12 +197,10 @@ def _choose_image(table: pd.DataFrame, selected: int) -> int:
     st.session_state[IMAGE_KEY] = selected
     c4.selectbox(f"Image ({len(rows)} in this list)", options, format_func=names.__getitem__, key=IMAGE_KEY,
                  on_change=_on_image)
-    with c5:
-        b1, b2 = st.columns(2)
-        b1.button("Prev", key="inspect_prev", icon=":material/chevron_left:", on_click=_step, args=(options, -1),
-                  help="Previous image in the current list", width="stretch")
-        b2.button("Next", key="inspect_next", icon=":material/chevron_right:", on_click=_step, args=(options, 1),
-                  help="Next image in the current list", width="stretch")
+    c5.button("Prev", key="inspect_prev", icon=":material/chevron_left:", on_click=_step, args=(options, -1),
+              help="Previous image in the current list", width="stretch")
+    c6.button("Next", key="inspect_next", icon=":material/chevron_right:", on_click=_step, args=(options, 1),
+              help="Next image in the current list", width="stretch")
     return selected
 
 
@@ -375,7 +374,7 @@ def _threshold_section(info: RunInfo, category: str, maps: dict, mask: np.ndarra
     canvas = base if base is not None else heatmap_rgb(anomaly)
     left, right = st.columns([1, 2])
     left.image(charts.draw_outline(charts.paint_mask(canvas, predicted), mask),
-               caption="Predicted anomalous pixels (red) and ground truth (green outline)", width="stretch")
+               caption="Predicted anomalous pixels (red) and ground truth (cyan outline)", width="stretch")
     with right:
         cols = st.columns(3)
         cols[0].metric("True positives", f"{counts['tp']:,}", help="Defect pixels predicted anomalous.")

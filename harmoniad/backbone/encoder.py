@@ -439,6 +439,11 @@ class Backbone(nn.Module):
         return len(self.spec.layers)
 
     @property
+    def feature_shapes(self) -> list[tuple[int, int, int]]:
+        """Per-layer ``(C, h, w)`` of :meth:`extract`'s output (the same as a feature cache's)."""
+        return [(self.embed_dim, *self.grid)] * self.num_layers
+
+    @property
     def layers(self) -> tuple[int, ...]:
         return self.spec.layers
 

@@ -53,7 +53,8 @@ class Context:
 class Method(ABC):
     """A detector that can be fitted on normal images and score test images."""
 
-    name: ClassVar[str]
+    #: The registry name; a class may serve several (HarmoniAD and its ablations set it per instance).
+    name: str
     #: True if the method reads CLIP backbone features (for provenance and the dashboard).
     uses_backbone: ClassVar[bool] = True
 

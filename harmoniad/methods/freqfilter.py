@@ -62,7 +62,7 @@ class _Stats:
 class FrequencyFilter(Method):
     """High-pass residual z-scored against per-category normal statistics; no backbone."""
 
-    name: ClassVar[str] = "freqfilter"
+    name = "freqfilter"
     uses_backbone: ClassVar[bool] = False
 
     def __init__(self, config: FreqFilterConfig | None = None) -> None:

@@ -17,21 +17,21 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 
 from harmoniad.backbone import Backbone, BackboneConfig
 from harmoniad.backbone.cache import FeatureCache
+from harmoniad.backbone.sources import FeatureSource, in_order, source_for
 from harmoniad.data import Sample
-from harmoniad.data.loading import batch_len, decoded_batches, default_workers
 from harmoniad.maps import FinalMaps, HostPrediction, Prediction, ScoreConfig, finalize_maps
 from harmoniad.methods.base import Context, Method
 from harmoniad.model import HarmoniAD, ModelConfig
-from harmoniad.runtime.device import AdaptiveBatch, autocast, batch_size_for, cast_for_inference, maybe_compile, resolve_device
+from harmoniad.runtime.device import autocast, batch_size_for, cast_for_inference, maybe_compile, resolve_device
 from harmoniad.runtime.paths import cache_dir
-from harmoniad.runtime.progress import Progress, ProgressFn, silent
+from harmoniad.runtime.progress import Progress, ProgressFn
 from harmoniad.runtime.serialization import to_dict
 from harmoniad.train import CheckpointInfo, TrainConfig, load_checkpoint, train
 
@@ -61,13 +61,10 @@ class Scorer:
         self.cfg = cfg
         #: Images per batch: given, or from the GPU's free memory (64-256 on an H200; 16 on the CPU).
         self.batch_size = batch_size or self._default_batch_size(features)
-        batch_size = self.batch_size
         # On CUDA the forward pass runs a bf16 copy of the heads (cast once, not on every call).
         net = cast_for_inference(copy.deepcopy(self.model), self.device) if self.device.type == "cuda" else self.model
         #: What the forward pass runs through: the model (bf16 copy on CUDA), or its ``torch.compile`` wrapper.
         self.net = maybe_compile(net, cfg.compile)
-        # Images per forward pass of a live backbone; halves itself on CUDA out-of-memory.
-        self._chunks = AdaptiveBatch(batch_size)
         #: The checkpoint's settings when built by :meth:`from_checkpoint`.
         self.info: CheckpointInfo | None = None
         if features is not None:
@@ -109,17 +106,14 @@ class Scorer:
     def _default_batch_size(self, features: FeatureCache | Backbone | None) -> int:
         if features is None:
             return 16
-        shapes = features.feature_shapes if isinstance(features, FeatureCache) else features.spec.feature_shapes
+        shapes = features.feature_shapes
         # ~128 bytes of activations per feature value through backbone, heads and maps: generous,
         # and an overestimate only costs speed (an underestimate is caught by the OOM halving).
         per_image = 128 * sum(c * h * w for c, h, w in shapes)
         return batch_size_for(self.device, per_image, default=16, minimum=64, maximum=256)
 
     def _check_shapes(self, features: FeatureCache | Backbone) -> None:
-        if isinstance(features, FeatureCache):
-            shapes = features.feature_shapes
-        else:
-            shapes = [(features.embed_dim, *features.grid)] * features.num_layers
+        shapes = features.feature_shapes
         want = self.model.in_dim, self.model.num_layers
         if len(shapes) != want[1] or any(s[0] != want[0] for s in shapes):
             raise ValueError(
@@ -151,33 +145,23 @@ class Scorer:
             meter.update(len(batch))
         return host.result()
 
+    def score_source(self, source: FeatureSource, progress: ProgressFn | None = None) -> Prediction:
+        """Every image of ``source``, in order -> Prediction (maps moved to the host per batch)."""
+        meter = Progress("score", len(source), progress)
+        host = HostPrediction()  # maps leave the device batch by batch
+        for feats in in_order(source, self.batch_size):
+            host.add(self.score_features(feats))
+            meter.update(int(feats[0].shape[0]))
+        return host.result()
+
     def score_paths(self, paths: Sequence[str | Path], progress: ProgressFn | None = None) -> Prediction:
         """Image files -> Prediction, in ``paths`` order, a batch at a time."""
         if not paths:
             raise ValueError("Scorer.score_paths: no images to score")
         if self.features is None:
             raise ValueError("Scorer has no backbone or feature cache; use score_features")
-        if isinstance(self.features, FeatureCache):
-            # Extract every missing feature first, in full batches and with its own progress.
-            self.features.ensure(paths, progress=progress)
-        meter = Progress("score", len(paths), progress)
-        host = HostPrediction()  # maps leave the device batch by batch
-        if isinstance(self.features, FeatureCache):
-            for start in range(0, len(paths), self.batch_size):
-                batch = [Path(p) for p in paths[start : start + self.batch_size]]
-                host.add(self.score_features(self.features.load(batch, progress=silent)))
-                meter.update(len(batch))
-            return host.result()
-        # A live backbone: images decoded ahead (worker processes + pinned memory on CUDA).
-        backbone = self.features
-        on_cuda = self.device.type == "cuda"
-        for images in decoded_batches(
-            paths, self.batch_size, workers=default_workers(self.device), processes=on_cuda, pin_memory=on_cuda
-        ):
-            n = batch_len(images)
-            self._chunks.run(n, lambda a, b, x=images: host.add(self.score_tensor(backbone.preprocess(x[a:b]))))
-            meter.update(n)
-        return host.result()
+        # A cache extracts every missing feature first, in full batches and with its own progress.
+        return self.score_source(source_for(self.features, paths, progress), progress)
 
     def score_samples(self, samples: Sequence[Any], progress: ProgressFn | None = None) -> Prediction:
         """``Sample`` records -> Prediction, in order."""
@@ -194,7 +178,7 @@ class Scorer:
 class HarmoniADMethod(Method):
     """The frequency-guided dual-branch detector, trained jointly on all chosen categories."""
 
-    name: ClassVar[str] = "harmoniad"
+    name = "harmoniad"
 
     def __init__(
         self,
@@ -207,7 +191,7 @@ class HarmoniADMethod(Method):
         self.model_cfg = model or ModelConfig()
         self.train_cfg = training or TrainConfig()
         self.score_cfg = scoring or ScoreConfig()
-        self.run_name = name
+        self.name = name  # an ablation's own name, in progress, runs and checkpoint folders
         self.checkpoint: Path | None = None
         self._scorer: Scorer | None = None
 
@@ -229,7 +213,7 @@ class HarmoniADMethod(Method):
         }
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
         root = Path(ctx.cache_root) if ctx.cache_root is not None else cache_dir()
-        return root / "checkpoints" / f"{self.run_name}-{digest}"
+        return root / "checkpoints" / f"{self.name}-{digest}"
 
     def fit(self, train_samples: list[Sample], ctx: Context) -> None:
         if ctx.backbone is None:

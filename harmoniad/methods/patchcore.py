@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from harmoniad.runtime.serialization import to_dict
 from harmoniad.data import Sample
 from harmoniad.backbone.cache import FeatureCache
+from harmoniad.backbone.sources import source_for
 from harmoniad.maps import resize_and_blur
 from harmoniad.methods.base import Context, Method, single_category
 from harmoniad.maps import Prediction
@@ -155,7 +156,7 @@ def middle_layers(num_layers: int) -> tuple[int, ...]:
 class PatchCore(Method):
     """Memory bank of normal patches, greedy coreset, nearest-neighbour distance map."""
 
-    name: ClassVar[str] = "patchcore"
+    name = "patchcore"
     uses_backbone: ClassVar[bool] = True
 
     def __init__(self, config: PatchCoreConfig | None = None) -> None:
@@ -231,12 +232,8 @@ class PatchCore(Method):
 
     def _embed(self, cache: FeatureCache, paths: Sequence[Path], ctx: Context) -> torch.Tensor:
         """``(N, h, w, D)`` locally aggregated patch embeddings of the images, in batches."""
-        cache.ensure(list(paths), progress=ctx.progress)
-        out = []
-        for start in range(0, len(paths), self.cfg.batch_size):
-            maps = cache.load(list(paths[start : start + self.cfg.batch_size]))
-            out.append(embed_patches(maps, self.cfg, device=ctx.device))
-        return torch.cat(out)
+        source = source_for(cache, paths, ctx.progress)
+        return torch.cat([embed_patches(maps, self.cfg, device=ctx.device) for maps in source.batches(self.cfg.batch_size)])
 
 
 def embed_patches(maps: Sequence[torch.Tensor], cfg: PatchCoreConfig, device: torch.device) -> torch.Tensor:
@@ -268,7 +265,7 @@ def embed_patches(maps: Sequence[torch.Tensor], cfg: PatchCoreConfig, device: to
 class MulticlassPatchCore(PatchCore):
     """PatchCore with one memory bank for all categories (unified multi-class setting)."""
 
-    name: ClassVar[str] = "patchcore_multiclass"
+    name = "patchcore_multiclass"
 
     def __init__(self, config: PatchCoreConfig | None = None) -> None:
         config = config or PatchCoreConfig(per_category=False)

@@ -103,7 +103,7 @@ class WinCLIPConfig:
 class WinCLIP(Method):
     """Patch-to-prompt similarity in CLIP space as the anomaly map; no training."""
 
-    name: ClassVar[str] = "winclip"
+    name = "winclip"
     uses_backbone: ClassVar[bool] = True
 
     def __init__(self, config: WinCLIPConfig | None = None) -> None:

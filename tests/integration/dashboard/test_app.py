@@ -238,15 +238,37 @@ def test_first_start_runs_the_demo_once(empty_store: ResultStore, tmp_path: Path
     first = _app().run()
     assert not first.exception
     assert "First start: running the offline demo" in _texts(first.info)
+    assert "The offline demo is running" in _texts(first.info)  # the Overview says so ...
+    assert "No runs in the results store yet" not in _texts(first.info)  # ... not "no runs"
     assert first.get("progress")
     reload = _app().run()  # a page reload is a new session
     assert "First start" in _texts(reload.info)
     assert len(calls) == 1
+    other = _tiny_run(empty_store, dataset="other")  # a run the user is looking at meanwhile
+    first.session_state[nav.RUN_KEY] = other
     release.set()
     _wait_until(first, lambda a: "finished" in _texts(a.success))
-    assert len(empty_store.list_runs()) == 1
+    runs = empty_store.list_runs()
+    assert len(runs) == 2
+    # The sidebar follows the run the demo just finished.
+    demo_run = str(runs.loc[runs["id"] != other, "id"].iloc[0])
+    assert first.session_state[nav.RUN_KEY] == demo_run
+    assert first.selectbox(key="sidebar_run").value == demo_run
+    empty_store.delete_run(other)
     assert (empty_store.root / bootstrap.MARKER).exists()
     empty_store.delete_run(str(empty_store.list_runs()["id"].iloc[0]))
     again = _app().run()  # the store is empty again, but the demo already ran: no restart
     assert not again.exception and "First start" not in _texts(again.info)
     assert len(calls) == 1
+
+
+def test_a_running_run_shows_each_category_as_it_lands(empty_store: ResultStore) -> None:
+    run_id = empty_store.create_run(method="freqfilter", dataset="synthetic", root="/x", categories=["a", "b"],
+                                    resolution=8)
+    images = pd.DataFrame({"image_path": ["a.png", "b.png"], "label": [0, 1], "score": [0.2, 0.8]})
+    empty_store.add_category(run_id, "a", metrics={"image_auroc": 1.0}, images=images)  # "b" still to come
+    at = _app().run()
+    assert not at.exception
+    board = at.dataframe[1].value
+    assert list(board["Method"]) == ["Frequency filter (running)"] and board["a"].iloc[0] == 100.0
+    assert "running, 1/2 categories" in at.selectbox(key="sidebar_run").format_func(run_id)

@@ -79,3 +79,12 @@ def test_trained_tiny_model_finds_large_defects(tmp_path: Path) -> None:
     assert pixel["auroc"] > 0.85, pixel
     assert image["auroc"] >= 0.9, image
     assert pred.scores[labels == 1].mean() > pred.scores[labels == 0].mean()
+
+
+def test_ablations_report_under_their_own_names() -> None:
+    from harmoniad.methods import METHODS, build_method
+
+    ablations = [name for name, spec in METHODS.items() if spec.kind == "ablation"]
+    assert len(ablations) == 3
+    for name in ablations:
+        assert build_method(name).name == name

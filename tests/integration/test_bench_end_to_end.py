@@ -1,0 +1,31 @@
+"""benchmarks/bench_end_to_end.py runs the whole path on a few images and ends with its JSON line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.paths import REPO
+
+
+def test_quick_benchmark_on_a_handful_of_images_reports_every_figure(tmp_path):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_end_to_end.py"), "--quick", "--images", "12",
+           "--per-category", "5", "--image-size", "64", "--device", "cpu", "--threads", "1",
+           "--data", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {"images", "images_per_s", "backbone_images_per_s", "ratio", "peak_rss_mib"} <= last.keys()
+    assert last["images"] == 12 and last["peak_device_mib"] is None
+    assert last["images_per_s"] > 0 and last["backbone_images_per_s"] > 0 and last["peak_rss_mib"] > 100
+    assert abs(last["ratio"] - last["backbone_images_per_s"] / last["images_per_s"]) < 0.01 * last["ratio"]
+    # Everything reached the store: 3 categories (5 + 5 + 2 images) recorded, warm-up excluded.
+    from harmoniad.store import ResultStore
+
+    runs = ResultStore(tmp_path / "runs").list_runs()
+    assert len(runs) == 1 and runs["status"].tolist() == ["complete"]
+    images = ResultStore(tmp_path / "runs").load_images(runs["id"].iloc[0])
+    assert len(images) == 12 and images["category"].nunique() == 3
