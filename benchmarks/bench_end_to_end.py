@@ -54,7 +54,7 @@ from harmoniad.data.loading import decoded_batches, default_workers
 from harmoniad.maps import ScoreConfig
 from harmoniad.methods.harmoniad import Scorer
 from harmoniad.model import HarmoniAD, ModelConfig
-from harmoniad.runtime.background import BackgroundWriter
+from harmoniad.runtime.background import BackgroundWriter, writer_workers
 from harmoniad.runtime.device import batch_size_for, resolve_device
 from harmoniad.runtime.progress import silent
 from harmoniad.store import ResultStore
@@ -177,7 +177,7 @@ def end_to_end(scorer: Scorer, samples: Sequence[Sample], store: ResultStore, re
                               resolution=resolution)
     _sync(scorer.device)
     start = time.perf_counter()
-    with BackgroundWriter() as writer:
+    with BackgroundWriter(workers=writer_workers(scorer.device)) as writer:
         for category, listed in by_category.items():
             t0 = time.perf_counter()
             pred = scorer.score_samples(listed, progress=silent)
