@@ -242,13 +242,21 @@ def pixel_metrics(masks: object, maps: object, fpr_limit: float = 0.3) -> dict[s
     least one anomalous and one normal pixel. AUROC/AP equal scikit-learn's on the flattened
     pixels; AUPRO is described in :func:`aupro`.
     """
+    negatives, n_neg, pos, weights, n_regions = _pixel_scores(masks, maps, fpr_limit)
+    return _curve_metrics(negatives, n_neg, pos, weights, n_regions, float(fpr_limit))
+
+
+def _pixel_scores(
+    masks: object, maps: object, fpr_limit: float
+) -> tuple[np.ndarray, int, np.ndarray, np.ndarray, int]:
+    """Checked inputs -> sorted normal-pixel scores, their count, anomalous scores, region weights, regions."""
     masks_arr, maps_arr = _pixel_inputs(masks, maps, fpr_limit)
-    n_pos, n_neg = _class_counts(masks_arr, "pixel masks")
+    _, n_neg = _class_counts(masks_arr, "pixel masks")
     dtype = np.float32 if np.can_cast(maps_arr.dtype, np.float32, "safe") else np.float64
     pos, weights, n_regions = _anomalous_pixels(masks_arr, maps_arr, dtype)
     negatives = _normal_scores_from(masks_arr, maps_arr, pos.min(), n_neg, dtype)
     negatives.sort()
-    return _curve_metrics(negatives, n_neg, pos, weights, n_regions, float(fpr_limit))
+    return negatives, n_neg, pos, weights, n_regions
 
 
 def aupro(masks: object, maps: object, fpr_limit: float = 0.3) -> float:
@@ -273,12 +281,7 @@ def pixel_curves(masks: object, maps: object, fpr_limit: float = 0.3) -> dict[st
     integrates it up to ``fpr_limit``), and the two areas ``auroc`` and ``aupro`` (equal to
     :func:`pixel_metrics`'). Inputs and errors as :func:`pixel_metrics`.
     """
-    masks_arr, maps_arr = _pixel_inputs(masks, maps, fpr_limit)
-    n_pos, n_neg = _class_counts(masks_arr, "pixel masks")
-    dtype = np.float32 if np.can_cast(maps_arr.dtype, np.float32, "safe") else np.float64
-    pos, weights, n_regions = _anomalous_pixels(masks_arr, maps_arr, dtype)
-    negatives = _normal_scores_from(masks_arr, maps_arr, pos.min(), n_neg, dtype)
-    negatives.sort()
+    negatives, n_neg, pos, weights, n_regions = _pixel_scores(masks, maps, fpr_limit)
     order = np.argsort(pos)[::-1]
     pos_desc = pos[order]
     ends = np.flatnonzero(np.append(pos_desc[:-1] != pos_desc[1:], True))
@@ -286,7 +289,7 @@ def pixel_curves(masks: object, maps: object, fpr_limit: float = 0.3) -> dict[st
     n_gt = len(negatives) - np.searchsorted(negatives, pos_desc[ends], side="right")
     pro_fpr, pro = _pro_curve(weights[order], ends, n_regions, n_ge, n_gt, n_neg)
     # ROC is the same construction with every pixel its own unit-weight "region": TPR.
-    fpr, tpr = _pro_curve(np.ones(len(pos)), ends, n_pos, n_ge, n_gt, n_neg)
+    fpr, tpr = _pro_curve(np.ones(len(pos)), ends, len(pos), n_ge, n_gt, n_neg)
     return {"fpr": fpr, "tpr": tpr, "pro_fpr": pro_fpr, "pro": pro,
             "auroc": float(np.dot(np.diff(fpr), tpr[1:] + tpr[:-1]) / 2.0),
             "aupro": _trapezoid_to(pro_fpr, pro, fpr_limit) / fpr_limit}
