@@ -16,18 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import timed  # noqa: E402
+from timing import timed  # the benchmarks' helper, beside this script
 
-from harmoniad.model.frequency import FrequencySplit  # noqa: E402
-from harmoniad.model.fsam import WindowAttention  # noqa: E402
-from harmoniad.runtime.device import autocast, resolve_device  # noqa: E402
+from harmoniad.model.frequency import FrequencySplit
+from harmoniad.model.fsam import WindowAttention
+from harmoniad.runtime.device import autocast, resolve_device
 
 
 def main() -> None:

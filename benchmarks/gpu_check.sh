@@ -104,10 +104,10 @@ step "kernels: low-rank split, FSAM under flash attention" 50 \
     python benchmarks/bench_kernels.py --device cuda --batch 64 --repeats 20
 
 step "end to end, ViT-L-14-336, 2000 MVTec-size (1024 px) files" 150 \
-    python benchmarks/bench_end_to_end.py --device cuda --model ViT-L-14-336 --images 2000 --image-size 1024 --data "$WORK/e2e-1024"
+    python benchmarks/bench_end_to_end.py --device cuda --model ViT-L-14-336 --images 2000 --image-size 1024 --repeats 1 --data "$WORK/e2e-1024"
 
 step "end to end, ViT-L-14-336, 2000 backbone-size (336 px) files" 100 \
-    python benchmarks/bench_end_to_end.py --device cuda --model ViT-L-14-336 --images 2000 --image-size 336 --data "$WORK/e2e-336"
+    python benchmarks/bench_end_to_end.py --device cuda --model ViT-L-14-336 --images 2000 --image-size 336 --repeats 1 --data "$WORK/e2e-336"
 
 step "torchrun smoke: 2 processes on one GPU (gloo), evaluate HarmoniAD" 70 bash -c '
     set -e

@@ -36,7 +36,7 @@ from harmoniad.stats import LEVEL
 from harmoniad.thresholds import save_checkpoint_thresholds
 from harmoniad.runtime.progress import Cancelled, Progress, ProgressEvent, ProgressFn, print_progress, silent
 from harmoniad.data.screening import Screen, SkippedFile, load_categories
-from harmoniad.runtime.background import BackgroundWriter
+from harmoniad.runtime.background import BackgroundWriter, writer_workers
 from harmoniad.store import ResultStore
 
 
@@ -341,7 +341,7 @@ def _run_method(
         except Exception as exc:  # noqa: BLE001 - recorded, the other categories go on
             record_to.fail_category(run_id, category, f"{exc!r}\n{traceback.format_exc()}", skipped=skipped)
 
-    with BackgroundWriter() as writer:
+    with BackgroundWriter(workers=writer_workers(ctx.device)) as writer:
         for category in categories:
             if category in broken:
                 if record_to is not None:

@@ -17,18 +17,23 @@ from typing import Any
 
 
 class BackgroundWriter:
-    """Runs submitted jobs one after another on one worker thread, at most ``depth`` waiting."""
+    """Runs submitted jobs on ``workers`` threads (in order with one), at most ``depth + workers - 1`` pending.
 
-    def __init__(self, depth: int = 1, name: str = "harmoniad-writer") -> None:
-        if depth < 1:
-            raise ValueError(f"BackgroundWriter.depth must be >= 1, got {depth}")
+    More than one worker is for machines whose cores would otherwise idle while a GPU scores
+    (metrics are numpy work that releases the GIL); jobs must then be independent.
+    """
+
+    def __init__(self, depth: int = 1, name: str = "harmoniad-writer", *, workers: int = 1) -> None:
+        if depth < 1 or workers < 1:
+            raise ValueError(f"BackgroundWriter: depth and workers must be >= 1, got {depth}, {workers}")
         self.depth = depth
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self.workers = workers
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
         self._pending: deque[Future[Any]] = deque()
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]:
-        """Queue ``fn(*args, **kwargs)``; first waits until fewer than ``depth`` jobs are queued."""
-        self._collect(keep=self.depth - 1)
+        """Queue ``fn(*args, **kwargs)``; first waits until fewer than ``depth + workers - 1`` jobs are pending."""
+        self._collect(keep=self.depth + self.workers - 2)
         future = self._pool.submit(fn, *args, **kwargs)
         self._pending.append(future)
         return future
@@ -65,4 +70,14 @@ class BackgroundWriter:
             self.close(cancel=True)
 
 
-__all__ = ["BackgroundWriter"]
+def writer_workers(device: object) -> int:
+    """Writer threads for scoring on ``device``: one on a CPU (the cores score), up to 4 beside a GPU."""
+    import os
+
+    if getattr(device, "type", str(device)) != "cuda":
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores // 4))
+
+
+__all__ = ["BackgroundWriter", "writer_workers"]

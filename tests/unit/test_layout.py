@@ -141,3 +141,18 @@ def test_the_check_catches_a_backward_import(tmp_path: Path) -> None:
     ], found
     assert "harmoniad.store (store)" in found[0] and "harmoniad.evaluate (evaluate)" in found[1]
     assert "harmoniad.methods (methods)" in found[2]
+
+
+def test_nothing_patches_sys_path() -> None:
+    """The package is installed (pip install -e .); app, pages, benchmarks and tests import it as such."""
+    import re
+
+    pattern = re.compile(r"\bsys\.path\s*(\.(insert|append|extend)\b|\[|\+=|=)")
+    hits = [
+        f"{path.relative_to(REPO)}:{number}"
+        for folder in ("harmoniad", "dashboard", "pages", "benchmarks", "tests")
+        for path in sorted((REPO / folder).rglob("*.py"))
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if pattern.search(line) and not line.lstrip().startswith("#") and path.name != "test_layout.py"
+    ]
+    assert hits == []

@@ -63,3 +63,39 @@ def test_leaving_with_an_exception_cancels_what_has_not_started():
     assert ran == []
     with pytest.raises(ValueError, match="depth"):
         BackgroundWriter(depth=0)
+
+
+def test_several_workers_run_jobs_concurrently_and_bound_what_is_pending():
+    barrier = threading.Barrier(2, timeout=5)
+    with BackgroundWriter(workers=2) as writer:
+        first = writer.submit(barrier.wait)  # both must be running at once to pass the barrier
+        second = writer.submit(barrier.wait)
+    assert first.done() and second.done() and first.exception() is None and second.exception() is None
+
+    release = threading.Event()
+    writer = BackgroundWriter(workers=2, depth=1)
+    for _ in range(2):
+        writer.submit(release.wait, 5)  # 2 pending: the bound of depth + workers - 1
+    blocked = threading.Event()
+    t = threading.Thread(target=lambda: (writer.submit(lambda: None), blocked.set()))
+    t.start()
+    assert not blocked.wait(0.3)
+    release.set()
+    assert blocked.wait(5)
+    t.join()
+    writer.drain()
+    writer.close()
+
+
+def test_writer_threads_follow_the_device(monkeypatch):
+    import os
+
+    import torch
+
+    from harmoniad.runtime.background import writer_workers
+
+    assert writer_workers(torch.device("cpu")) == 1 and writer_workers("cpu") == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert writer_workers(torch.device("cuda", 0)) == 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert writer_workers(torch.device("cuda", 0)) == 1
