@@ -20,8 +20,14 @@ FOLLOWED_KEY = "_followed_runs"
 def _follow_finished_runs() -> None:
     """Select a run that a job (the demo, an evaluation) has just finished, so the sidebar and
     every page move to the newest results instead of staying on an older run."""
-    seen: set[str] = st.session_state.setdefault(FOLLOWED_KEY, set())
-    finished = [r for job in jobs.board().all(state.store_path()) for r in job.snapshot().closed_runs if r not in seen]
+    closed = [r for job in jobs.board().all(state.store_path()) for r in job.snapshot().closed_runs]
+    if FOLLOWED_KEY not in st.session_state:
+        # A new session (reload, new tab, shared link) keeps the run it asked for: only runs
+        # that finish from now on are followed, not those that ended before it started.
+        st.session_state[FOLLOWED_KEY] = set(closed)
+        return
+    seen: set[str] = st.session_state[FOLLOWED_KEY]
+    finished = [r for r in closed if r not in seen]
     if not finished:
         return
     seen.update(finished)

@@ -10,6 +10,7 @@ could be scored.
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -448,15 +449,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from harmoniad.runtime import distributed
+    from harmoniad.store import StoreError
 
     args = build_parser().parse_args(argv)
     try:
         # Joins the process group when started by torchrun; a plain process runs alone.
         with distributed.session():
             return args.func(args)
-    except (ValueError, LookupError, FileNotFoundError) as exc:
-        # Input problems (DatasetError, BackboneWeightsError, ConfigError, ...) are one clear line.
+    except (ValueError, LookupError, FileNotFoundError, StoreError, sqlite3.DatabaseError) as exc:
+        # Input problems (DatasetError, BackboneWeightsError, ConfigError, a live or newer-schema
+        # run store, a damaged index, ...) are one clear line.
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        print(f"error: {exc}; the dashboard extras provide it: pip install 'harmoniad[dashboard]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; cached features, training state and finished categories are kept", file=sys.stderr)

@@ -207,7 +207,8 @@ class HostPrediction:
 
         host = FinalMaps(pinned(final.scores), pinned(final.anomaly), pinned(final.high), pinned(final.low))
         event = torch.cuda.Event()
-        event.record()
+        # On the maps' own device's stream (not the current device's), which did the copies.
+        event.record(torch.cuda.current_stream(final.scores.device))
         self._pending = (host, event)
 
     def _flush(self) -> None:

@@ -31,7 +31,7 @@ TARGET_FPR = "target_fpr"
 ORACLE = "oracle"
 RULES: dict[str, str] = {
     FITTED: "fitted on normal images (default)",
-    TARGET_FPR: "target false-positive rate",
+    TARGET_FPR: "target false-positive rate on test normals (uses test labels)",
     ORACLE: "oracle F1-max (uses test labels)",
 }
 #: The stored rule (``ResultStore.load_thresholds``) that ``fitted`` uses.

@@ -17,7 +17,7 @@ import streamlit as st
 from dashboard import nav, state
 from harmoniad import charts
 from harmoniad.report import render_report
-from harmoniad.store.export import weights_statement
+from harmoniad.store.export import WEIGHTS_COLUMN, weights_statement
 from harmoniad.store import METRIC_COLUMNS, RunDataMissing, RunInfo
 
 
@@ -61,7 +61,7 @@ def _report_section(info: RunInfo) -> None:
 
 def _metrics_csv(info: RunInfo) -> bytes:
     """Per-category metrics (from the index) when the per-image files are gone."""
-    metrics = state.run_metrics(info)
+    metrics = state.run_metrics(info).assign(**{WEIGHTS_COLUMN: weights_statement(info)})
     return metrics.to_csv(index=False).encode()
 
 

@@ -75,8 +75,8 @@ def _category_scale(run_id: str, updated: str, indices: tuple[int, ...]) -> dict
     threshold = charts.f1_max_threshold(masks.ravel(), anomaly.ravel())
     n_def = int(masks.reshape(len(masks), -1).any(axis=1).sum())
     if threshold is not None:
-        how = (f"the threshold that maximises pixel F1 over {len(indices)} sampled images of this category "
-               f"({n_def} with defects)")
+        how = (f"oracle (uses test labels): the threshold that maximises pixel F1 against the ground truth "
+               f"of {len(indices)} sampled images of this category ({n_def} with defects)")
     else:
         threshold = float(np.percentile(anomaly[np.isfinite(anomaly)], 99))
         how = "the 99th percentile of this category's sampled maps (no defect pixels to fit a pixel-F1 threshold)"

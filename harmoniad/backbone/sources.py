@@ -151,7 +151,8 @@ class CacheSource(IndexedSource):
 class BackboneSource(IndexedSource):
     """Features computed on the fly by a live backbone; nothing is written to disk.
 
-    ``batches`` decodes the next images in workers while the current batch runs (worker
+    ``load`` (training's shuffled batches) decodes its images in the calling thread;
+    ``batches`` (scoring, in order) decodes the next images in workers while the current batch runs (worker
     processes and pinned memory on CUDA, threads on the CPU) and halves the forward chunk
     after a CUDA out-of-memory error.
     """
@@ -170,8 +171,8 @@ class BackboneSource(IndexedSource):
         from harmoniad.data.io import read_image
 
         images = [read_image(self.paths[i]) for i in indices]
-        with torch.inference_mode():
-            return self.backbone.extract(self.backbone.preprocess(images))
+        # extract() runs under inference mode itself and returns ordinary tensors (training reads them).
+        return self.backbone.extract(self.backbone.preprocess(images))
 
     def batches(self, batch_size: int) -> Iterator[list[torch.Tensor]]:
         from harmoniad.data.loading import batch_len, decoded_batches, default_workers
@@ -184,8 +185,7 @@ class BackboneSource(IndexedSource):
             self.paths, batch_size, workers=default_workers(device), processes=on_cuda, pin_memory=on_cuda
         ):
             def forward(a: int, b: int, x: Any = images) -> list[torch.Tensor]:
-                with torch.inference_mode():
-                    return self.backbone.extract(self.backbone.preprocess(x[a:b]))
+                return self.backbone.extract(self.backbone.preprocess(x[a:b]))
 
             yield from chunks.run(batch_len(images), forward)
 

@@ -44,6 +44,7 @@ def _harmoniad(name: str, **model: Any) -> Callable[[dict[str, Any]], Method]:
             from_dict(TrainConfig, options.get("train", {}), where=where),
             from_dict(ScoreConfig, options.get("score", {}), where=where),
             name=name,
+            seed_from_context="seed" not in options.get("train", {}),
         )
 
     return build

@@ -16,6 +16,7 @@ import copy
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -187,11 +188,15 @@ class HarmoniADMethod(Method):
         scoring: ScoreConfig | None = None,
         *,
         name: str = "harmoniad",
+        seed_from_context: bool = True,
     ) -> None:
         self.model_cfg = model or ModelConfig()
         self.train_cfg = training or TrainConfig()
         self.score_cfg = scoring or ScoreConfig()
         self.name = name  # an ablation's own name, in progress, runs and checkpoint folders
+        #: Train with the evaluation's seed (``Context.seed``) unless the options fixed one, so
+        #: runs that differ only in seed differ in initialisation, batch order and noise too.
+        self.seed_from_context = seed_from_context
         self.checkpoint: Path | None = None
         self._scorer: Scorer | None = None
 
@@ -219,6 +224,8 @@ class HarmoniADMethod(Method):
         if ctx.backbone is None:
             raise ValueError("HarmoniAD needs a backbone config in the evaluation context")
         normal = [s for s in train_samples if s.label == 0]
+        if self.seed_from_context:
+            self.train_cfg = replace(self.train_cfg, seed=ctx.seed)
         out = self.checkpoint_dir(normal, ctx)
         feature_root = None if ctx.cache_root is None else Path(ctx.cache_root) / "features"
         train(

@@ -86,13 +86,17 @@ def cast_for_inference(module: torch.nn.Module, device: torch.device) -> torch.n
 
 
 def bf16_weights(module: torch.nn.Module) -> torch.nn.Module:
-    """Cast ``module``'s floating parameters to bf16 in place (norm layers excepted) and freeze it; returns it."""
+    """Cast ``module``'s floating parameters to bf16 in place and freeze it; returns it.
+
+    Norm layers and scalar parameters (a learnable cutoff, a scale) keep fp32: they cost
+    nothing, and rounding a cutoff to bf16 would move the frequency split itself.
+    """
     norms = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._BatchNorm)
     for sub in module.modules():
         if isinstance(sub, norms):
             continue
         for name, param in list(sub.named_parameters(recurse=False)):
-            if param.is_floating_point():
+            if param.is_floating_point() and param.ndim > 0:
                 setattr(sub, name, torch.nn.Parameter(param.detach().to(torch.bfloat16), requires_grad=False))
     return module.requires_grad_(False)
 

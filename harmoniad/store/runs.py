@@ -386,18 +386,20 @@ class ResultStore:
                 )
             now = now_iso()
             failed = [c for c in info.categories if done[c][0] == "failed"]
-            if info.categories and len(failed) == len(info.categories):
+            every_failed = bool(info.categories) and len(failed) == len(info.categories)
+            if every_failed:
                 first = (done[failed[0]][1] or "no reason recorded").strip().splitlines()[0]
                 con.execute(
                     "UPDATE runs SET status = 'failed', error = ?, finished = ?, updated = ? WHERE id = ?",
                     (f"every category failed; {failed[0]}: {first}", now, now, run_id),
                 )
-                return
-            con.execute(
-                "UPDATE runs SET status = 'complete', finished = ?, updated = ? WHERE id = ?",
-                (now, now, run_id),
-            )
-        self._notify(run_id, "complete")
+            else:
+                con.execute(
+                    "UPDATE runs SET status = 'complete', finished = ?, updated = ? WHERE id = ?",
+                    (now, now, run_id),
+                )
+        # Observers (the dashboard's jobs) learn the run closed either way.
+        self._notify(run_id, "failed" if every_failed else "complete")
 
     def fail_run(self, run_id: str, error: str) -> None:
         """Mark the run ``failed`` with ``error`` (categories already stored are kept)."""

@@ -94,3 +94,14 @@ def test_missing_weights_is_one_clear_line(dataset: Path, capsys: pytest.Capture
                  "--weights", "openai", "--image-size", "224"])
     err = capsys.readouterr().err
     assert code == 2 and "ViT-B-16" in err and "HARMONIAD_CLIP_WEIGHTS" in err
+
+
+def test_a_damaged_run_index_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    store = tmp_path / "runs"
+    store.mkdir()
+    (store / "index.sqlite").write_bytes(b"this is not a database" * 100)
+    monkeypatch.setenv("HARMONIAD_STORE", str(store))
+    assert main(["runs", "list"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "database" in err[0]

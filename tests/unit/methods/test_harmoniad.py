@@ -88,3 +88,28 @@ def test_ablations_report_under_their_own_names() -> None:
     assert len(ablations) == 3
     for name in ablations:
         assert build_method(name).name == name
+
+
+def test_training_takes_the_evaluation_seed_unless_options_fix_one(tmp_path, monkeypatch) -> None:
+    import harmoniad.methods.harmoniad as module
+    from harmoniad.methods import build_method
+    from harmoniad.methods.base import Context
+
+    seen: list[tuple[int, Path]] = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(samples, backbone, model_cfg, train_cfg, out, **kwargs):
+        seen.append((train_cfg.seed, Path(out)))
+        raise Stop
+
+    monkeypatch.setattr(module, "train", fake_train)
+    ctx = Context(backbone=TINY_BACKBONE, cache_root=tmp_path, seed=7)
+    for options in ({}, {"train": {"seed": 3}}):
+        with pytest.raises(Stop):
+            build_method("harmoniad", options).fit([], ctx)
+    with pytest.raises(Stop):
+        build_method("harmoniad").fit([], Context(backbone=TINY_BACKBONE, cache_root=tmp_path, seed=8))
+    assert [s for s, _ in seen] == [7, 3, 8]
+    assert len({out for _, out in seen}) == 3  # each seed trains into its own checkpoint folder

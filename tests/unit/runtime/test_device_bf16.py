@@ -11,14 +11,20 @@ from harmoniad.runtime.device import bf16_weights, cast_for_inference
 SMALL = ModelConfig(hidden_dim=32, fsam_heads=2, gscm_heads=2, fsam_window=4)
 
 
-def test_bf16_weights_casts_everything_but_norms_and_freezes():
+def test_bf16_weights_casts_everything_but_norms_and_scalars_and_freezes():
     torch.manual_seed(0)
-    model = bf16_weights(HarmoniAD(SMALL, 64, 2))
+    model = HarmoniAD(ModelConfig(hidden_dim=32, fsam_heads=2, gscm_heads=2, fsam_window=4, learnable_cutoff=True, soft_edge=0.05), 64, 2)
+    cutoffs = {n: p.detach().clone() for n, p in model.named_parameters() if p.ndim == 0}
+    assert cutoffs  # the learnable cutoff is a scalar parameter
+    bf16_weights(model)
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
-            norm = isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm))
-            assert p.dtype == (torch.float32 if norm else torch.bfloat16), (type(module).__name__, name)
+            keep = isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm)) or p.ndim == 0
+            assert p.dtype == (torch.float32 if keep else torch.bfloat16), (type(module).__name__, name)
             assert not p.requires_grad
+    for name, p in model.named_parameters():
+        if name in cutoffs:
+            assert torch.equal(p, cutoffs[name])  # not rounded: the split is unchanged
 
 
 def test_cpu_keeps_fp32_weights_untouched():

@@ -203,9 +203,13 @@ def test_status_observer_sees_each_transition_after_it_is_committed(tmp_path: Pa
     store.fail_run(failed, "fit failed")
     with pytest.raises(RunStateError):
         store.finish_run(failed)  # refused: no notification
+    all_failed = new_run(store, categories=["a"])
+    store.fail_category(all_failed, "a", "unreadable tree")
+    store.finish_run(all_failed)  # every category failed: the run closes as failed, and says so
     # (run, reported status, status another reader sees at that moment): already committed.
     assert seen == [(done, "running", "running"), (done, "complete", "complete"),
-                    (failed, "running", "running"), (failed, "failed", "failed")]
+                    (failed, "running", "running"), (failed, "failed", "failed"),
+                    (all_failed, "running", "running"), (all_failed, "failed", "failed")]
 
 
 def _killed_writer(root: str, conn) -> None:
