@@ -121,7 +121,10 @@ def series_labels(runs: pd.DataFrame) -> dict[str, str]:
         if counts[row["method"]] > 1:
             label += f" ({str(row['created'])[:16].replace('T', ' ')})"
         labels[str(row["id"])] = label
-    return labels
+    # Runs of one method started in the same minute: the run id tells them apart (labels key
+    # tables and legends, so two equal labels would merge or drop a run).
+    repeated = pd.Series(labels).duplicated(keep=False)
+    return {run: f"{label} [{run[:8]}]" if repeated[run] else label for run, label in labels.items()}
 
 
 # ----------------------------------------------------------------------------- metrics

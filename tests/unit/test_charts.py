@@ -337,3 +337,15 @@ def test_percentiles_put_every_method_on_one_scale() -> None:
     assert p[0] == 0.0 and p[2] == 100.0 and abs(p[1] - 50.0) < 1.0
     constant = charts.score_quantiles([np.ones((4, 4))])
     assert list(charts.to_percentiles(np.array([0.5, 1.0]), constant)) == [0.0, 100.0]
+
+
+def test_series_labels_are_unique_even_for_runs_started_in_the_same_minute() -> None:
+    import pandas as pd
+
+    from harmoniad.charts import series_labels
+
+    runs = pd.DataFrame({"id": ["aaaaaaaa1", "bbbbbbbb2", "cccccccc3"], "method": ["patchcore"] * 2 + ["winclip"],
+                         "created": ["2026-12-02T10:00:05", "2026-12-02T10:00:40", "2026-12-02T09:00:00"]})
+    labels = series_labels(runs)
+    assert len(set(labels.values())) == 3
+    assert "[" not in labels["cccccccc3"]  # a label that is unique already stays as it was
