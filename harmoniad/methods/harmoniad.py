@@ -30,7 +30,7 @@ from harmoniad.data import Sample
 from harmoniad.maps import FinalMaps, HostPrediction, Prediction, ScoreConfig, finalize_maps
 from harmoniad.methods.base import Context, Method
 from harmoniad.model import HarmoniAD, ModelConfig
-from harmoniad.runtime.device import autocast, batch_size_for, cast_for_inference, maybe_compile, resolve_device
+from harmoniad.runtime.device import AdaptiveBatch, autocast, batch_size_for, cast_for_inference, maybe_compile, resolve_device
 from harmoniad.runtime.paths import cache_dir
 from harmoniad.runtime.progress import Progress, ProgressFn
 from harmoniad.runtime.serialization import to_dict
@@ -111,7 +111,7 @@ class Scorer:
         # ~128 bytes of activations per feature value through backbone, heads and maps: generous,
         # and an overestimate only costs speed (an underestimate is caught by the OOM halving).
         per_image = 128 * sum(c * h * w for c, h, w in shapes)
-        return batch_size_for(self.device, per_image, default=16, minimum=64, maximum=256)
+        return batch_size_for(self.device, per_image, default=16, minimum=8, maximum=256)
 
     def _check_shapes(self, features: FeatureCache | Backbone) -> None:
         shapes = features.feature_shapes
@@ -150,9 +150,11 @@ class Scorer:
         """Every image of ``source``, in order -> Prediction (maps moved to the host per batch)."""
         meter = Progress("score", len(source), progress)
         host = HostPrediction()  # maps leave the device batch by batch
+        heads = AdaptiveBatch(self.batch_size)  # the heads' share halves itself on CUDA out-of-memory
         for feats in in_order(source, self.batch_size):
-            host.add(self.score_features(feats))
-            meter.update(int(feats[0].shape[0]))
+            n = int(feats[0].shape[0])
+            heads.run(n, lambda a, b, f=feats: host.add(self.score_features([x[a:b] for x in f])))
+            meter.update(n)
         return host.result()
 
     def score_paths(self, paths: Sequence[str | Path], progress: ProgressFn | None = None) -> Prediction:

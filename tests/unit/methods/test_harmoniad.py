@@ -113,3 +113,25 @@ def test_training_takes_the_evaluation_seed_unless_options_fix_one(tmp_path, mon
         build_method("harmoniad").fit([], Context(backbone=TINY_BACKBONE, cache_root=tmp_path, seed=8))
     assert [s for s, _ in seen] == [7, 3, 8]
     assert len({out for _, out in seen}) == 3  # each seed trains into its own checkpoint folder
+
+
+def test_scoring_halves_the_heads_batch_on_out_of_memory(monkeypatch) -> None:
+    from harmoniad.backbone.sources import TensorSource
+
+    model = build_model(SMALL, 64, 4, seed=0)
+    scorer = Scorer(model, None, ScoreConfig(resolution=16), device="cpu", batch_size=4)
+    real, sizes = scorer.score_features, []
+
+    def tight_memory(feats):
+        sizes.append(int(feats[0].shape[0]))
+        if sizes[-1] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(feats)
+
+    monkeypatch.setattr(scorer, "score_features", tight_memory)
+    feats = [torch.randn(5, 64, 6, 6, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    pred = scorer.score_source(TensorSource(feats))
+    assert pred.maps.shape == (5, 16, 16)
+    assert sizes[0] == 4 and max(sizes[1:]) <= 2 and sum(s for s in sizes if s <= 2) == 5
+    torch.testing.assert_close(torch.from_numpy(pred.scores), torch.from_numpy(
+        Scorer(model, None, ScoreConfig(resolution=16), device="cpu", batch_size=8).score_source(TensorSource(feats)).scores))
