@@ -104,19 +104,25 @@ def load_state(path: Path, model: HarmoniAD, optimizer: torch.optim.Optimizer, i
         )
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     _load_weights_checked(model, model_state, path)
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = value
-    for pid, entry in header["optim_scalars"].items():
-        state.setdefault(int(pid), {}).update(entry)
-    groups = header["param_groups"]
-    for group in groups:
-        if isinstance(group.get("betas"), list):
-            group["betas"] = tuple(group["betas"])
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-    return int(header["step"])
+    try:
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, pid, name = key.split(".", 2)
+                state.setdefault(int(pid), {})[name] = value
+        for pid, entry in header["optim_scalars"].items():
+            state.setdefault(int(pid), {}).update(entry)
+        groups = header["param_groups"]
+        for group in groups:
+            if isinstance(group.get("betas"), list):
+                group["betas"] = tuple(group["betas"])
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+        return int(header["step"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(
+            f"{path}: damaged optimizer state in the training state ({type(exc).__name__}: {exc}); "
+            "delete it to restart"
+        ) from exc
 
 
 # -- final checkpoint ------------------------------------------------------------------------

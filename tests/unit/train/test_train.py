@@ -147,6 +147,28 @@ def test_state_from_other_settings_is_refused(tmp_path: Path) -> None:
         train(TensorSource(feats), None, MODEL, TrainConfig(max_steps=4, batch_size=3, lr=5e-3), tmp_path)
 
 
+def test_a_state_with_a_damaged_header_is_refused_naming_the_file(tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    feats = _structured_feats(n=6)
+    cfg = TrainConfig(max_steps=4, batch_size=3, checkpoint_every=2)
+
+    def stop(event: ProgressEvent) -> None:
+        raise Cancelled
+
+    with pytest.raises(Cancelled):
+        train(TensorSource(feats), None, MODEL, cfg, tmp_path, progress=stop)
+    state = tmp_path / STATE_FILE
+    with safe_open(str(state), framework="pt") as fh:
+        header = json.loads(fh.metadata()["harmoniad"])
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    del header["step"]  # a hand-edited or truncated header
+    save_file(tensors, str(state), metadata={"harmoniad": json.dumps(header)})
+    with pytest.raises(CheckpointError, match=str(state)):
+        train(TensorSource(feats), None, MODEL, cfg, tmp_path)
+
+
 def test_finished_checkpoint_is_reused_or_refused(tmp_path: Path) -> None:
     feats = _structured_feats(n=4)
     cfg = TrainConfig(max_steps=2, batch_size=2)
