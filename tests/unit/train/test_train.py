@@ -134,7 +134,8 @@ def test_cancel_saves_the_state_and_resume_finishes_identically(tmp_path: Path) 
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_state_from_other_settings_is_refused(tmp_path: Path) -> None:
+def _cancelled_with_a_state(out: Path) -> tuple[list[torch.Tensor], TrainConfig]:
+    """Start a short training in ``out`` and cancel it at once: its periodic state is left there."""
     feats = _structured_feats(n=6)
     cfg = TrainConfig(max_steps=4, batch_size=3, checkpoint_every=2)
 
@@ -142,7 +143,12 @@ def test_state_from_other_settings_is_refused(tmp_path: Path) -> None:
         raise Cancelled
 
     with pytest.raises(Cancelled):
-        train(TensorSource(feats), None, MODEL, cfg, tmp_path, progress=stop)
+        train(TensorSource(feats), None, MODEL, cfg, out, progress=stop)
+    return feats, cfg
+
+
+def test_state_from_other_settings_is_refused(tmp_path: Path) -> None:
+    feats, _ = _cancelled_with_a_state(tmp_path)
     with pytest.raises(CheckpointError, match="different settings"):
         train(TensorSource(feats), None, MODEL, TrainConfig(max_steps=4, batch_size=3, lr=5e-3), tmp_path)
 
@@ -151,14 +157,7 @@ def test_a_state_with_a_damaged_header_is_refused_naming_the_file(tmp_path: Path
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    feats = _structured_feats(n=6)
-    cfg = TrainConfig(max_steps=4, batch_size=3, checkpoint_every=2)
-
-    def stop(event: ProgressEvent) -> None:
-        raise Cancelled
-
-    with pytest.raises(Cancelled):
-        train(TensorSource(feats), None, MODEL, cfg, tmp_path, progress=stop)
+    feats, cfg = _cancelled_with_a_state(tmp_path)
     state = tmp_path / STATE_FILE
     with safe_open(str(state), framework="pt") as fh:
         header = json.loads(fh.metadata()["harmoniad"])
