@@ -12,6 +12,8 @@ Dinomaly). A depthwise convolution before attention gives the tokens their posit
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -78,3 +80,31 @@ class GSCM(nn.Module):
         for block in self.blocks:
             x = block(x, grid)
         return x
+
+
+ContextMask = Literal["off", "checker", "grid"]
+
+
+def context_masks(grid: tuple[int, int], mode: ContextMask, block: int = 1,
+                  shift: tuple[int, int] = (0, 0), device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(K, h*w)`` boolean masks of the tokens hidden in each of ``K`` complementary passes.
+
+    Every token is hidden in exactly one pass, so the GSCM output kept for a token is always
+    computed without that token's own input (docs/design.md#context-only-reconstruction).
+    The grid is cut into ``block x block`` cells (offset by ``shift``); ``"checker"`` hides
+    alternate cells in ``K = 2`` passes, ``"grid"`` one cell of every 2 x 2 group of cells
+    in ``K = 4`` passes (each hidden cell is surrounded by visible ones).
+    """
+    if mode not in ("checker", "grid"):
+        raise ValueError(f"context mask must be 'checker' or 'grid', got {mode!r}")
+    if block < 1:
+        raise ValueError(f"context mask block must be >= 1, got {block}")
+    h, w = grid
+    cy = torch.div(torch.arange(h, device=device) + shift[0], block, rounding_mode="floor") % 2
+    cx = torch.div(torch.arange(w, device=device) + shift[1], block, rounding_mode="floor") % 2
+    if mode == "checker":
+        cell = (cy[:, None] + cx[None, :]) % 2
+    else:
+        cell = 2 * cy[:, None] + cx[None, :]
+    passes = 2 if mode == "checker" else 4
+    return cell.flatten()[None, :] == torch.arange(passes, device=device)[:, None]
