@@ -18,7 +18,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harmoniad.model.layers import DepthwiseConv, Mlp
+from harmoniad.model.layers import DepthwiseConv, Mlp, map_to_tokens
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6,
+                     exclude_self: bool = False) -> torch.Tensor:
+    """Kernelised attention on ``B x heads x N x d`` tensors, in float32: ``phi(q)^T KV / phi(q)^T sum phi(k)``.
+
+    ``exclude_self`` removes position ``n``'s own key and value from the sums that query
+    ``n`` reads (``KV - phi(k_n) v_n^T``), which linear attention allows at no extra cost.
+    """
+    q, k, v = q.float(), k.float(), v.float()
+    q, k = F.elu(q) + 1.0, F.elu(k) + 1.0
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        kv = torch.einsum("bhnd,bhne->bhde", k, v)
+        out = torch.einsum("bhnd,bhde->bhne", q, kv)
+        norm = torch.einsum("bhnd,bhd->bhn", q, k.sum(dim=2))
+        if exclude_self:
+            own = (q * k).sum(dim=-1)
+            out = out - own.unsqueeze(-1) * v
+            norm = norm - own
+    return out / (norm.unsqueeze(-1) + eps)
 
 
 class LinearAttention(nn.Module):
@@ -39,14 +59,29 @@ class LinearAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = (t.float() for t in qkv.unbind(0))
-        q, k = F.elu(q) + 1.0, F.elu(k) + 1.0
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            kv = torch.einsum("bhnd,bhne->bhde", k, v)
-            norm = torch.einsum("bhnd,bhd->bhn", q, k.sum(dim=2)).unsqueeze(-1) + self.eps
-            out = torch.einsum("bhnd,bhde->bhne", q, kv) / norm
-        out = out.transpose(1, 2).reshape(b, n, d).to(x.dtype)
-        return self.proj(out)
+        out = linear_attention(*qkv.unbind(0), eps=self.eps)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d).to(x.dtype))
+
+
+class ContextAttention(nn.Module):
+    """Linear attention of position queries over the image's tokens, each query blind to its own token."""
+
+    def __init__(self, dim: int, heads: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"GSCM hidden dim {dim} must be divisible by its {heads} heads")
+        self.heads = heads
+        self.eps = eps
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, n, d = context.shape
+        q = self.q(query).reshape(query.shape[0], n, self.heads, d // self.heads).transpose(1, 2)
+        k, v = self.kv(context).reshape(b, n, 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = linear_attention(q.expand(b, -1, -1, -1), k, v, eps=self.eps, exclude_self=True)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d).to(context.dtype))
 
 
 class ContextBlock(nn.Module):
@@ -67,19 +102,74 @@ class ContextBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class GSCM(nn.Module):
-    """A stack of ``depth`` global context blocks on ``(B, h*w, D)`` low-frequency tokens."""
+class QueryBlock(nn.Module):
+    """``q + context_attn(norm(q), norm(tokens))``, then ``q + mlp(norm(q))``; the tokens are read, never changed."""
 
-    def __init__(self, dim: int, depth: int = 1, heads: int = 4, mlp_ratio: float = 2.0, pos_conv: bool = True) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm_q = nn.LayerNorm(dim)
+        self.norm_c = nn.LayerNorm(dim)
+        self.attn = ContextAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, mlp_ratio)
+
+    def forward(self, q: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        q = q + self.attn(self.norm_q(q), self.norm_c(tokens))
+        return q + self.mlp(self.norm2(q))
+
+
+GscmQueries = Literal["tokens", "positions"]
+
+
+class GSCM(nn.Module):
+    """A stack of ``depth`` global context blocks on ``(B, h*w, D)`` low-frequency tokens.
+
+    ``queries="tokens"``: self-attention blocks, each token updated from all tokens (itself
+    included). ``queries="positions"`` (docs/design.md#gscm): the output at a position is
+    decoded from a query that knows only the position and reads the image's tokens by linear attention that leaves that
+    position's own token out, block after block; the tokens themselves are never mixed.
+    Queries and tokens get learned position embeddings (a ``table x table`` grid resampled
+    to the feature grid), so what belongs at each place is a free parameter per place.
+    So the output at a position cannot depend on the token there: it is what the rest of
+    the image says should be there, and a missing part, which looks like normal background,
+    differs from it.
+    """
+
+    def __init__(self, dim: int, depth: int = 1, heads: int = 4, mlp_ratio: float = 2.0, pos_conv: bool = True,
+                 queries: GscmQueries = "tokens", table: int = 16) -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"GSCM depth must be >= 1, got {depth}")
-        self.blocks = nn.ModuleList(ContextBlock(dim, heads, mlp_ratio, pos_conv) for _ in range(depth))
+        if queries not in ("tokens", "positions"):
+            raise ValueError(f"GSCM queries must be 'tokens' or 'positions', got {queries!r}")
+        self.queries = queries
+        if queries == "tokens":
+            self.blocks = nn.ModuleList(ContextBlock(dim, heads, mlp_ratio, pos_conv) for _ in range(depth))
+        else:
+            if table < 1:
+                raise ValueError(f"GSCM position table size must be >= 1, got {table}")
+            # Learned position embeddings on a table x table grid, resampled to the feature grid.
+            self.query_pos = nn.Parameter(0.02 * torch.randn(1, dim, table, table))
+            self.token_pos = nn.Parameter(0.02 * torch.randn(1, dim, table, table))
+            self.blocks = nn.ModuleList(QueryBlock(dim, heads, mlp_ratio) for _ in range(depth))
+
+    @staticmethod
+    def _positions(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """``(1, h*w, D)`` embeddings: the table resampled bilinearly to ``grid`` (as is when it matches)."""
+        if tuple(table.shape[-2:]) != tuple(grid):
+            table = F.interpolate(table, size=grid, mode="bilinear", align_corners=False)
+        return map_to_tokens(table)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        if self.queries == "tokens":
+            for block in self.blocks:
+                x = block(x, grid)
+            return x
+        tokens = x + self._positions(self.token_pos, grid).to(x.dtype)  # so a query can read its region
+        q = self._positions(self.query_pos, grid).to(x.dtype)
         for block in self.blocks:
-            x = block(x, grid)
-        return x
+            q = block(q, tokens)
+        return q.expand_as(x) if q.shape[0] != x.shape[0] else q
 
 
 ContextMask = Literal["off", "checker", "grid"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,3 +64,20 @@ class DepthwiseConv(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         return map_to_tokens(self.conv(tokens_to_map(x, grid)))
+
+
+def sincos_positions(grid: tuple[int, int], dim: int, device: torch.device) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position code ``(h*w, dim)`` of a grid, coordinates scaled to [0, 1].
+
+    Scaled coordinates make the code of an image position independent of the grid size, so a
+    model trained at one resolution reads the same code at another; no parameters.
+    """
+    h, w = grid
+    quarter = max(1, dim // 4)
+    freqs = math.pi * 2.0 ** torch.arange(quarter, device=device, dtype=torch.float32).clamp_max(8)
+    ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
+    xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    parts = [f(c.flatten()[:, None] * freqs) for c in (yy, xx) for f in (torch.sin, torch.cos)]
+    code = torch.cat(parts, dim=-1)
+    return F.pad(code, (0, dim - code.shape[-1])) if code.shape[-1] < dim else code[:, :dim]

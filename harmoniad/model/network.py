@@ -58,8 +58,8 @@ from torch import nn
 
 from harmoniad.model.frequency import FrequencySplit
 from harmoniad.model.fsam import FSAM
-from harmoniad.model.gscm import GSCM, ContextMask, context_masks
-from harmoniad.model.layers import map_to_tokens, noisy_dropout
+from harmoniad.model.gscm import GSCM, ContextMask, GscmQueries, context_masks
+from harmoniad.model.layers import map_to_tokens, noisy_dropout, sincos_positions
 
 Branches = Literal["both", "high", "low"]
 Distance = Literal["mse", "group_cos"]
@@ -109,6 +109,10 @@ class ModelConfig:
     gscm_depth: int = 2
     gscm_heads: int = 4
     gscm_pos_conv: bool = True
+    # "positions": GSCM decodes every position from a position query that reads the rest of the image.
+    gscm_queries: GscmQueries = "tokens"
+    gscm_pos_table: int = 16
+    low_noise: bool = False  # the bottleneck noise on GSCM's tokens also with position queries
     mlp_ratio: float = 2.0
     # Loss and maps (docs/design.md#losses, docs/design.md#anomaly-and-branch-maps).
     distance: Distance = "mse"
@@ -286,23 +290,6 @@ class Normaliser(nn.Module):
         self.std.copy_(var.sqrt().clamp_min(eps).float())
 
 
-def sincos_positions(grid: tuple[int, int], dim: int, device: torch.device) -> torch.Tensor:
-    """Fixed 2-D sine-cosine position code ``(h*w, dim)`` of a grid, coordinates scaled to [0, 1].
-
-    Scaled coordinates make the code of an image position independent of the grid size, so a
-    model trained at one resolution reads the same code at another; no parameters.
-    """
-    h, w = grid
-    quarter = max(1, dim // 4)
-    freqs = math.pi * 2.0 ** torch.arange(quarter, device=device, dtype=torch.float32).clamp_max(8)
-    ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
-    xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
-    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-    parts = [f(c.flatten()[:, None] * freqs) for c in (yy, xx) for f in (torch.sin, torch.cos)]
-    code = torch.cat(parts, dim=-1)
-    return nn.functional.pad(code, (0, dim - code.shape[-1])) if code.shape[-1] < dim else code[:, :dim]
-
-
 class Branch(nn.Module):
     """One band's decoder: per-layer projection, noisy bottleneck, FSAM or GSCM blocks, per-layer heads.
 
@@ -313,8 +300,9 @@ class Branch(nn.Module):
     """
 
     def __init__(self, core: nn.Module, cfg: ModelConfig, in_dim: int, num_layers: int,
-                 context: bool = False, pos_embed: bool = False) -> None:
+                 context: bool = False, pos_embed: bool = False, noisy: bool = True) -> None:
         super().__init__()
+        self.noisy = noisy
         d = cfg.hidden_dim
         self.cfg = cfg
         self.inputs = nn.ModuleList(nn.Linear(in_dim, d) for _ in range(num_layers))
@@ -329,9 +317,10 @@ class Branch(nn.Module):
     def forward(self, bands: list[torch.Tensor], grid: tuple[int, int],
                 generator: torch.Generator | None = None) -> list[torch.Tensor]:
         cfg = self.cfg
-        noisy = [token_noise(b, cfg.feature_noise, cfg.token_dropout, self.training, generator) for b in bands]
+        noise = self.training and self.noisy
+        noisy = [token_noise(b, cfg.feature_noise, cfg.token_dropout, noise, generator) for b in bands]
         x = sum(proj(b) for proj, b in zip(self.inputs, noisy)) / len(noisy)
-        x = noisy_dropout(x, cfg.bottleneck_dropout, self.training, generator)
+        x = noisy_dropout(x, cfg.bottleneck_dropout, noise, generator)
         pos = (self.pos_scale * sincos_positions(grid, x.shape[-1], x.device).to(x.dtype)
                if self.pos_scale is not None else None)
         if self.mask_token is None:
@@ -378,8 +367,10 @@ class HarmoniAD(nn.Module):
             if cfg.has_high else None
         )
         self.gscm_branch = (
-            Branch(GSCM(d, cfg.gscm_depth, cfg.gscm_heads, cfg.mlp_ratio, cfg.gscm_pos_conv), cfg, in_dim, num_layers,
-                   context=True, pos_embed=cfg.pos_embed or cfg.low_pos_embed)
+            Branch(GSCM(d, cfg.gscm_depth, cfg.gscm_heads, cfg.mlp_ratio, cfg.gscm_pos_conv, cfg.gscm_queries,
+                        cfg.gscm_pos_table), cfg, in_dim, num_layers,
+                   context=True, pos_embed=cfg.pos_embed or cfg.low_pos_embed,
+                   noisy=cfg.gscm_queries == "tokens" or cfg.low_noise)
             if cfg.has_low else None
         )
         # Location and scale of the high and low maps on the training normals (set by ``calibrate``).
