@@ -21,12 +21,31 @@ from torch import nn
 from harmoniad.model.layers import DepthwiseConv, Mlp, map_to_tokens
 
 
+def _window_sums(k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int],
+                 radius: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position, the keys and values of its ``(2r+1)^2`` grid neighbourhood (zeros off the grid).
+
+    ``k``, ``v``: ``B x heads x N x d`` -> ``B x heads x N x W x d`` with ``W = (2r+1)^2``.
+    """
+    b, h, n, d = k.shape
+    size = 2 * radius + 1
+
+    def unfold(t: torch.Tensor) -> torch.Tensor:
+        t = t.permute(0, 1, 3, 2).reshape(b * h, d, *grid)
+        t = F.unfold(t, size, padding=radius)  # (B*heads) x (d*W) x N
+        return t.reshape(b, h, d, size * size, n).permute(0, 1, 4, 3, 2)
+
+    return unfold(k), unfold(v)
+
+
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6,
-                     exclude_self: bool = False) -> torch.Tensor:
+                     exclude: int = -1, grid: tuple[int, int] | None = None) -> torch.Tensor:
     """Kernelised attention on ``B x heads x N x d`` tensors, in float32: ``phi(q)^T KV / phi(q)^T sum phi(k)``.
 
-    ``exclude_self`` removes position ``n``'s own key and value from the sums that query
-    ``n`` reads (``KV - phi(k_n) v_n^T``), which linear attention allows at no extra cost.
+    ``exclude = r >= 0`` removes, from the sums that query ``n`` reads, the keys and values
+    of every position within ``r`` grid steps of ``n`` (Chebyshev distance on ``grid``;
+    ``r = 0``: ``n``'s own, ``KV - phi(k_n) v_n^T``). Linear attention allows this for the
+    cost of a ``(2r+1)^2`` window: the window's share is subtracted from the global sums.
     """
     q, k, v = q.float(), k.float(), v.float()
     q, k = F.elu(q) + 1.0, F.elu(k) + 1.0
@@ -34,11 +53,18 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
         kv = torch.einsum("bhnd,bhne->bhde", k, v)
         out = torch.einsum("bhnd,bhde->bhne", q, kv)
         norm = torch.einsum("bhnd,bhd->bhn", q, k.sum(dim=2))
-        if exclude_self:
+        if exclude == 0:
             own = (q * k).sum(dim=-1)
             out = out - own.unsqueeze(-1) * v
             norm = norm - own
-    return out / (norm.unsqueeze(-1) + eps)
+        elif exclude > 0:
+            if grid is None:
+                raise ValueError("excluding a neighbourhood needs the grid")
+            kw, vw = _window_sums(k, v, grid, exclude)
+            near = torch.einsum("bhnd,bhnwd->bhnw", q, kw)
+            out = out - torch.einsum("bhnw,bhnwe->bhne", near, vw)
+            norm = norm - near.sum(dim=-1)
+    return out / (norm.clamp_min(0.0).unsqueeze(-1) + eps)
 
 
 class LinearAttention(nn.Module):
@@ -66,21 +92,22 @@ class LinearAttention(nn.Module):
 class ContextAttention(nn.Module):
     """Linear attention of position queries over the image's tokens, each query blind to its own token."""
 
-    def __init__(self, dim: int, heads: int, eps: float = 1e-6) -> None:
+    def __init__(self, dim: int, heads: int, exclude: int = 0, eps: float = 1e-6) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"GSCM hidden dim {dim} must be divisible by its {heads} heads")
         self.heads = heads
+        self.exclude = exclude
         self.eps = eps
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, context: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         b, n, d = context.shape
         q = self.q(query).reshape(query.shape[0], n, self.heads, d // self.heads).transpose(1, 2)
         k, v = self.kv(context).reshape(b, n, 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = linear_attention(q.expand(b, -1, -1, -1), k, v, eps=self.eps, exclude_self=True)
+        out = linear_attention(q.expand(b, -1, -1, -1), k, v, eps=self.eps, exclude=self.exclude, grid=grid)
         return self.proj(out.transpose(1, 2).reshape(b, n, d).to(context.dtype))
 
 
@@ -105,16 +132,16 @@ class ContextBlock(nn.Module):
 class QueryBlock(nn.Module):
     """``q + context_attn(norm(q), norm(tokens))``, then ``q + mlp(norm(q))``; the tokens are read, never changed."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, exclude: int) -> None:
         super().__init__()
         self.norm_q = nn.LayerNorm(dim)
         self.norm_c = nn.LayerNorm(dim)
-        self.attn = ContextAttention(dim, heads)
+        self.attn = ContextAttention(dim, heads, exclude)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, mlp_ratio)
 
-    def forward(self, q: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        q = q + self.attn(self.norm_q(q), self.norm_c(tokens))
+    def forward(self, q: torch.Tensor, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        q = q + self.attn(self.norm_q(q), self.norm_c(tokens), grid)
         return q + self.mlp(self.norm2(q))
 
 
@@ -136,7 +163,7 @@ class GSCM(nn.Module):
     """
 
     def __init__(self, dim: int, depth: int = 1, heads: int = 4, mlp_ratio: float = 2.0, pos_conv: bool = True,
-                 queries: GscmQueries = "tokens", table: int = 16) -> None:
+                 queries: GscmQueries = "tokens", table: int = 16, exclude: int = 0) -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"GSCM depth must be >= 1, got {depth}")
@@ -151,7 +178,7 @@ class GSCM(nn.Module):
             # Learned position embeddings on a table x table grid, resampled to the feature grid.
             self.query_pos = nn.Parameter(0.02 * torch.randn(1, dim, table, table))
             self.token_pos = nn.Parameter(0.02 * torch.randn(1, dim, table, table))
-            self.blocks = nn.ModuleList(QueryBlock(dim, heads, mlp_ratio) for _ in range(depth))
+            self.blocks = nn.ModuleList(QueryBlock(dim, heads, mlp_ratio, exclude) for _ in range(depth))
 
     @staticmethod
     def _positions(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -168,7 +195,7 @@ class GSCM(nn.Module):
         tokens = x + self._positions(self.token_pos, grid).to(x.dtype)  # so a query can read its region
         q = self._positions(self.query_pos, grid).to(x.dtype)
         for block in self.blocks:
-            q = block(q, tokens)
+            q = block(q, tokens, grid)
         return q.expand_as(x) if q.shape[0] != x.shape[0] else q
 
 

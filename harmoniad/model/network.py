@@ -112,6 +112,7 @@ class ModelConfig:
     # "positions": GSCM decodes every position from a position query that reads the rest of the image.
     gscm_queries: GscmQueries = "tokens"
     gscm_pos_table: int = 16
+    gscm_exclude: int = 0  # a position query ignores the tokens within this many grid steps
     low_noise: bool = False  # the bottleneck noise on GSCM's tokens also with position queries
     mlp_ratio: float = 2.0
     # Loss and maps (docs/design.md#losses, docs/design.md#anomaly-and-branch-maps).
@@ -368,7 +369,7 @@ class HarmoniAD(nn.Module):
         )
         self.gscm_branch = (
             Branch(GSCM(d, cfg.gscm_depth, cfg.gscm_heads, cfg.mlp_ratio, cfg.gscm_pos_conv, cfg.gscm_queries,
-                        cfg.gscm_pos_table), cfg, in_dim, num_layers,
+                        cfg.gscm_pos_table, cfg.gscm_exclude), cfg, in_dim, num_layers,
                    context=True, pos_embed=cfg.pos_embed or cfg.low_pos_embed,
                    noisy=cfg.gscm_queries == "tokens" or cfg.low_noise)
             if cfg.has_low else None
