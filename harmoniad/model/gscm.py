@@ -63,8 +63,10 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
             kw, vw = _window_sums(k, v, grid, exclude)
             near = torch.einsum("bhnd,bhnwd->bhnw", q, kw)
             out = out - torch.einsum("bhnw,bhnwe->bhne", near, vw)
-            norm = norm - near.sum(dim=-1)
-    return out / (norm.clamp_min(0.0).unsqueeze(-1) + eps)
+            total, norm = norm, norm - near.sum(dim=-1)
+            # Nothing left to read (the window covers the grid): what remains is rounding, read nothing.
+            norm = torch.where(norm > 1e-5 * total, norm, torch.full_like(norm, float("inf")))
+    return out / (norm.unsqueeze(-1) + eps)
 
 
 class LinearAttention(nn.Module):
@@ -198,30 +200,3 @@ class GSCM(nn.Module):
             q = block(q, tokens, grid)
         return q.expand_as(x) if q.shape[0] != x.shape[0] else q
 
-
-ContextMask = Literal["off", "checker", "grid"]
-
-
-def context_masks(grid: tuple[int, int], mode: ContextMask, block: int = 1,
-                  shift: tuple[int, int] = (0, 0), device: torch.device | str = "cpu") -> torch.Tensor:
-    """``(K, h*w)`` boolean masks of the tokens hidden in each of ``K`` complementary passes.
-
-    Every token is hidden in exactly one pass, so the GSCM output kept for a token is always
-    computed without that token's own input (docs/design.md#context-only-reconstruction).
-    The grid is cut into ``block x block`` cells (offset by ``shift``); ``"checker"`` hides
-    alternate cells in ``K = 2`` passes, ``"grid"`` one cell of every 2 x 2 group of cells
-    in ``K = 4`` passes (each hidden cell is surrounded by visible ones).
-    """
-    if mode not in ("checker", "grid"):
-        raise ValueError(f"context mask must be 'checker' or 'grid', got {mode!r}")
-    if block < 1:
-        raise ValueError(f"context mask block must be >= 1, got {block}")
-    h, w = grid
-    cy = torch.div(torch.arange(h, device=device) + shift[0], block, rounding_mode="floor") % 2
-    cx = torch.div(torch.arange(w, device=device) + shift[1], block, rounding_mode="floor") % 2
-    if mode == "checker":
-        cell = (cy[:, None] + cx[None, :]) % 2
-    else:
-        cell = 2 * cy[:, None] + cx[None, :]
-    passes = 2 if mode == "checker" else 4
-    return cell.flatten()[None, :] == torch.arange(passes, device=device)[:, None]

@@ -58,7 +58,7 @@ from torch import nn
 
 from harmoniad.model.frequency import FrequencySplit
 from harmoniad.model.fsam import FSAM
-from harmoniad.model.gscm import GSCM, ContextMask, GscmQueries, context_masks
+from harmoniad.model.gscm import GSCM, GscmQueries
 from harmoniad.model.layers import map_to_tokens, noisy_dropout, sincos_positions
 
 Branches = Literal["both", "high", "low"]
@@ -92,13 +92,6 @@ class ModelConfig:
     bottleneck_dropout: float = 0.1
     # Absolute position code on the branch inputs: where a part should be (missing / displaced parts).
     pos_embed: bool = False
-    # Context-only reconstruction of the low band (docs/design.md#context-only-reconstruction):
-    # GSCM rebuilds every token with its own input replaced by a learned mask token, in
-    # complementary passes ("checker": 2, "grid": 4) over cells of ``context_block`` tokens.
-    context_mask: ContextMask = "off"
-    context_block: int = 1
-    # Absolute position code on GSCM's input only (what belongs where, once the copy path is gone).
-    low_pos_embed: bool = False
     # FSAM, high branch (docs/design.md#fsam).
     fsam_depth: int = 2
     fsam_heads: int = 4
@@ -109,11 +102,12 @@ class ModelConfig:
     gscm_depth: int = 2
     gscm_heads: int = 4
     gscm_pos_conv: bool = True
-    # "positions": GSCM decodes every position from a position query that reads the rest of the image.
-    gscm_queries: GscmQueries = "tokens"
+    # "positions": every position is decoded from a query that knows only the position and reads
+    # the image's tokens with its own token (and those within ``gscm_exclude`` grid steps) left out;
+    # position embeddings learned on a ``gscm_pos_table`` square grid, resampled to the feature grid.
+    gscm_queries: GscmQueries = "positions"
     gscm_pos_table: int = 16
-    gscm_exclude: int = 0  # a position query ignores the tokens within this many grid steps
-    low_noise: bool = False  # the bottleneck noise on GSCM's tokens also with position queries
+    gscm_exclude: int = 0
     mlp_ratio: float = 2.0
     # Loss and maps (docs/design.md#losses, docs/design.md#anomaly-and-branch-maps).
     distance: Distance = "mse"
@@ -129,13 +123,13 @@ class ModelConfig:
         if self.branches not in ("both", "high", "low"):
             raise ValueError(f"branches must be 'both', 'high' or 'low', got {self.branches!r}")
         for name in ("hidden_dim", "fsam_depth", "fsam_heads", "fsam_window", "fsam_kernel", "gscm_depth",
-                     "gscm_heads", "fsam_gate_reduction", "cos_groups"):
+                     "gscm_heads", "fsam_gate_reduction", "cos_groups", "gscm_pos_table"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.context_mask not in ("off", "checker", "grid"):
-            raise ValueError(f"context_mask must be 'off', 'checker' or 'grid', got {self.context_mask!r}")
-        if self.context_block < 1:
-            raise ValueError(f"context_block must be >= 1, got {self.context_block}")
+        if self.gscm_queries not in ("tokens", "positions"):
+            raise ValueError(f"gscm_queries must be 'tokens' or 'positions', got {self.gscm_queries!r}")
+        if self.gscm_exclude < 0:
+            raise ValueError(f"gscm_exclude must be >= 0, got {self.gscm_exclude}")
         if self.distance not in ("mse", "group_cos"):
             raise ValueError(f"distance must be 'mse' or 'group_cos', got {self.distance!r}")
         if self.fusion not in ("joint", "mean", "max"):
@@ -294,24 +288,18 @@ class Normaliser(nn.Module):
 class Branch(nn.Module):
     """One band's decoder: per-layer projection, noisy bottleneck, FSAM or GSCM blocks, per-layer heads.
 
-    With ``context`` (GSCM's branch, ``cfg.context_mask`` not "off") the core runs once per
-    complementary mask pass, on the bottleneck with the hidden tokens replaced by a learned
-    mask token, and each token's output is taken from the pass that hid it: no output sees
-    its own token's input, in training and at test time alike.
+    ``noisy=False`` skips the bottleneck noise (GSCM with position queries: no output reads
+    its own token, so there is no copy path for the noise to break).
     """
 
-    def __init__(self, core: nn.Module, cfg: ModelConfig, in_dim: int, num_layers: int,
-                 context: bool = False, pos_embed: bool = False, noisy: bool = True) -> None:
+    def __init__(self, core: nn.Module, cfg: ModelConfig, in_dim: int, num_layers: int, noisy: bool = True) -> None:
         super().__init__()
-        self.noisy = noisy
         d = cfg.hidden_dim
         self.cfg = cfg
+        self.noisy = noisy
         self.inputs = nn.ModuleList(nn.Linear(in_dim, d) for _ in range(num_layers))
         self.core = core
-        self.pos_embed = pos_embed
-        self.pos_scale = nn.Parameter(torch.ones(())) if pos_embed else None
-        self.context: ContextMask = cfg.context_mask if context else "off"
-        self.mask_token = nn.Parameter(torch.zeros(d)) if self.context != "off" else None
+        self.pos_scale = nn.Parameter(torch.ones(())) if cfg.pos_embed else None
         self.norm = nn.LayerNorm(d)
         self.heads = nn.ModuleList(nn.Linear(d, in_dim) for _ in range(num_layers))
 
@@ -322,31 +310,10 @@ class Branch(nn.Module):
         noisy = [token_noise(b, cfg.feature_noise, cfg.token_dropout, noise, generator) for b in bands]
         x = sum(proj(b) for proj, b in zip(self.inputs, noisy)) / len(noisy)
         x = noisy_dropout(x, cfg.bottleneck_dropout, noise, generator)
-        pos = (self.pos_scale * sincos_positions(grid, x.shape[-1], x.device).to(x.dtype)
-               if self.pos_scale is not None else None)
-        if self.mask_token is None:
-            x = self.core(x if pos is None else x + pos, grid)
-        else:
-            x = self._context_only(x, pos, grid, generator)
-        x = self.norm(x)
+        if cfg.pos_embed:
+            x = x + self.pos_scale * sincos_positions(grid, x.shape[-1], x.device).to(x.dtype)
+        x = self.norm(self.core(x, grid))
         return [head(x) for head in self.heads]
-
-    def _context_only(self, x: torch.Tensor, pos: torch.Tensor | None, grid: tuple[int, int],
-                      generator: torch.Generator | None) -> torch.Tensor:
-        """Run the core on every mask pass (batched) and keep each token's output from the pass that hid it."""
-        block = self.cfg.context_block
-        shift = (0, 0)
-        if self.training and block > 1:  # the cells move in training, so no token learns one cell position
-            dev = generator.device if generator is not None else torch.device("cpu")
-            shift = tuple(int(v) for v in torch.randint(2 * block, (2,), generator=generator, device=dev))
-        masks = context_masks(grid, self.context, block, shift, x.device)  # K x N
-        k, (b, n, d) = masks.shape[0], x.shape
-        hide = masks[:, None, :, None]
-        passes = torch.where(hide, self.mask_token.to(x.dtype), x.unsqueeze(0))  # K x B x N x D
-        if pos is not None:
-            passes = passes + pos
-        out = self.core(passes.reshape(k * b, n, d), grid).reshape(k, b, n, -1)
-        return (out * hide.to(out.dtype)).sum(dim=0)
 
 
 class HarmoniAD(nn.Module):
@@ -364,14 +331,13 @@ class HarmoniAD(nn.Module):
         self.splitter = FrequencySplit(cfg.cutoff, cfg.soft_edge, cfg.learnable_cutoff) if cfg.split else None
         self.fsam_branch = (
             Branch(FSAM(d, cfg.fsam_depth, cfg.fsam_heads, cfg.fsam_window, cfg.fsam_kernel, cfg.fsam_gate_reduction,
-                        cfg.mlp_ratio), cfg, in_dim, num_layers, pos_embed=cfg.pos_embed)
+                        cfg.mlp_ratio), cfg, in_dim, num_layers)
             if cfg.has_high else None
         )
         self.gscm_branch = (
             Branch(GSCM(d, cfg.gscm_depth, cfg.gscm_heads, cfg.mlp_ratio, cfg.gscm_pos_conv, cfg.gscm_queries,
                         cfg.gscm_pos_table, cfg.gscm_exclude), cfg, in_dim, num_layers,
-                   context=True, pos_embed=cfg.pos_embed or cfg.low_pos_embed,
-                   noisy=cfg.gscm_queries == "tokens" or cfg.low_noise)
+                   noisy=cfg.gscm_queries == "tokens")
             if cfg.has_low else None
         )
         # Location and scale of the high and low maps on the training normals (set by ``calibrate``).
