@@ -158,14 +158,16 @@ class GSCM(nn.Module):
     decoded from a query that knows only the position and reads the image's tokens by linear attention that leaves that
     position's own token out, block after block; the tokens themselves are never mixed.
     Queries and tokens get learned position embeddings (a ``table x table`` grid resampled
-    to the feature grid), so what belongs at each place is a free parameter per place.
+    to the feature grid), so what belongs at each place is a free parameter per place. Each
+    entry is trained by one place per image only, so the tables learn with a ``gain``
+    times larger step (reparametrised: stored divided by ``gain``, multiplied back).
     So the output at a position cannot depend on the token there: it is what the rest of
     the image says should be there, and a missing part, which looks like normal background,
     differs from it.
     """
 
     def __init__(self, dim: int, depth: int = 1, heads: int = 4, mlp_ratio: float = 2.0, pos_conv: bool = True,
-                 queries: GscmQueries = "tokens", table: int = 16, exclude: int = 0) -> None:
+                 queries: GscmQueries = "tokens", table: int = 16, exclude: int = 0, gain: float = 1.0) -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"GSCM depth must be >= 1, got {depth}")
@@ -175,11 +177,13 @@ class GSCM(nn.Module):
         if queries == "tokens":
             self.blocks = nn.ModuleList(ContextBlock(dim, heads, mlp_ratio, pos_conv) for _ in range(depth))
         else:
-            if table < 1:
-                raise ValueError(f"GSCM position table size must be >= 1, got {table}")
+            if table < 1 or gain <= 0:
+                raise ValueError(f"GSCM position table needs size >= 1 and gain > 0, got {table}, {gain}")
             # Learned position embeddings on a table x table grid, resampled to the feature grid.
-            self.query_pos = nn.Parameter(0.02 * torch.randn(1, dim, table, table))
-            self.token_pos = nn.Parameter(0.02 * torch.randn(1, dim, table, table))
+            # Stored divided by ``gain`` and multiplied back: under Adam, ``gain`` times the step.
+            self.gain = gain
+            self.query_pos = nn.Parameter(0.02 * torch.randn(1, dim, table, table) / gain)
+            self.token_pos = nn.Parameter(0.02 * torch.randn(1, dim, table, table) / gain)
             self.blocks = nn.ModuleList(QueryBlock(dim, heads, mlp_ratio, exclude) for _ in range(depth))
 
     @staticmethod
@@ -194,8 +198,8 @@ class GSCM(nn.Module):
             for block in self.blocks:
                 x = block(x, grid)
             return x
-        tokens = x + self._positions(self.token_pos, grid).to(x.dtype)  # so a query can read its region
-        q = self._positions(self.query_pos, grid).to(x.dtype)
+        tokens = x + self.gain * self._positions(self.token_pos, grid).to(x.dtype)  # so a query can read its region
+        q = self.gain * self._positions(self.query_pos, grid).to(x.dtype)
         for block in self.blocks:
             q = block(q, tokens, grid)
         return q.expand_as(x) if q.shape[0] != x.shape[0] else q

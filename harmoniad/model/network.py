@@ -108,6 +108,7 @@ class ModelConfig:
     gscm_queries: GscmQueries = "positions"
     gscm_pos_table: int = 16
     gscm_exclude: int = 0
+    gscm_pos_gain: float = 100.0  # step multiplier of the position tables (stored / gain, used * gain)
     mlp_ratio: float = 2.0
     # Loss and maps (docs/design.md#losses, docs/design.md#anomaly-and-branch-maps).
     distance: Distance = "mse"
@@ -130,6 +131,8 @@ class ModelConfig:
             raise ValueError(f"gscm_queries must be 'tokens' or 'positions', got {self.gscm_queries!r}")
         if self.gscm_exclude < 0:
             raise ValueError(f"gscm_exclude must be >= 0, got {self.gscm_exclude}")
+        if self.gscm_pos_gain <= 0:
+            raise ValueError(f"gscm_pos_gain must be > 0, got {self.gscm_pos_gain}")
         if self.distance not in ("mse", "group_cos"):
             raise ValueError(f"distance must be 'mse' or 'group_cos', got {self.distance!r}")
         if self.fusion not in ("joint", "mean", "max"):
@@ -336,7 +339,8 @@ class HarmoniAD(nn.Module):
         )
         self.gscm_branch = (
             Branch(GSCM(d, cfg.gscm_depth, cfg.gscm_heads, cfg.mlp_ratio, cfg.gscm_pos_conv, cfg.gscm_queries,
-                        cfg.gscm_pos_table, cfg.gscm_exclude), cfg, in_dim, num_layers,
+                        cfg.gscm_pos_table, cfg.gscm_exclude,
+                        cfg.gscm_pos_gain), cfg, in_dim, num_layers,
                    noisy=cfg.gscm_queries == "tokens")
             if cfg.has_low else None
         )

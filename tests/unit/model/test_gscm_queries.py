@@ -85,7 +85,7 @@ def test_position_queries_get_no_bottleneck_noise_fsam_does() -> None:
     assert (a.recon_high[0] - b.recon_high[0]).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("field, value", [("gscm_queries", "pixels"), ("gscm_exclude", -1), ("gscm_pos_table", 0)])
+@pytest.mark.parametrize("field, value", [("gscm_queries", "pixels"), ("gscm_exclude", -1), ("gscm_pos_table", 0), ("gscm_pos_gain", 0.0)])
 def test_query_settings_are_validated(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         ModelConfig(**{**SMALL, field: value})
