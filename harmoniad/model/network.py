@@ -118,7 +118,7 @@ class ModelConfig:
     low_loss_weight: float = 1.0
     fusion: Fusion = "joint"
     fusion_quantile: float = 0.99
-    fusion_high_weight: float = 0.5
+    fusion_high_weight: float = 0.45
 
     def __post_init__(self) -> None:
         if self.branches not in ("both", "high", "low"):
