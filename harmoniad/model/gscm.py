@@ -5,9 +5,17 @@ that the semantics of a part (its colour, its presence, its place) are judged in
 context of the whole image; stains, colour shifts and missing or displaced parts are
 global anomalies. Attention is *linear* (kernelised, ``elu + 1`` feature map): cost grows
 linearly with the number of positions, and a linear attention cannot focus sharply on a
-single token, which also keeps the reconstruction from copying its input (the argument of
-Dinomaly). A depthwise convolution before attention gives the tokens their position
-("conditional position encoding"), so any grid size works without a position table.
+single token (the argument of Dinomaly).
+
+Two decoders (``queries``):
+
+- ``"positions"`` (the default of ``ModelConfig``): every position is decoded from a query
+  that knows only the position (a learned embedding) and reads the image's tokens with
+  its own token left out, so the output there cannot copy the input there. A missing part
+  looks like background that is normal elsewhere; what the rest of the image says belongs
+  at that place differs from it.
+- ``"tokens"``: self-attention blocks on the (noisy) tokens, with a depthwise convolution
+  before attention for position ("conditional position encoding").
 """
 
 from __future__ import annotations

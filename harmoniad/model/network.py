@@ -18,7 +18,10 @@ docs/design.md#method. The input is the list of frozen encoder maps ``F_l``
    anomalous token come back "normal" at test time;
 4. **FSAM** (windowed attention, edge convolution, channel gate; ``fsam_depth`` blocks) on the
    high tokens and **GSCM** (global linear attention; ``gscm_depth`` blocks) on the low tokens
-   are the two decoders; per-layer heads (D -> C) give ``R_high_l`` and ``R_low_l``.
+   are the two decoders; per-layer heads (D -> C) give ``R_high_l`` and ``R_low_l``. By
+   default GSCM decodes each position from a query that knows only the position and reads
+   the other tokens (``gscm_queries="positions"``): it never reads the token it rebuilds,
+   so its input is left clean (the noise of step 3 is for FSAM).
 
 Losses (docs/design.md#losses), each branch against its own band, weights in the config::
 
@@ -101,7 +104,7 @@ class ModelConfig:
     # GSCM, low branch (docs/design.md#gscm).
     gscm_depth: int = 2
     gscm_heads: int = 4
-    gscm_pos_conv: bool = True
+    gscm_pos_conv: bool = True  # gscm_queries="tokens" only
     # "positions": every position is decoded from a query that knows only the position and reads
     # the image's tokens with its own token (and those within ``gscm_exclude`` grid steps) left out;
     # position embeddings learned on a ``gscm_pos_table`` square grid, resampled to the feature grid.
