@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from harmoniad import stats
-from harmoniad.metrics import image_metrics, pixel_metrics
+from harmoniad.metrics import image_metrics, pixel_metrics, pixel_metrics_of_subsets
 from harmoniad.thresholds import ORACLE_LABEL, fit_thresholds, operating_point, oracle_threshold
 
 IMAGE_KEYS = ("auroc", "ap", "f1_max")
@@ -64,6 +64,21 @@ def pixel_part(masks: np.ndarray, maps: np.ndarray) -> dict[str, float]:
     return {f"pixel_{k}": float("nan") for k in PIXEL_KEYS}
 
 
+def _pixel_parts(masks: np.ndarray, maps: np.ndarray,
+                 subsets: Mapping[str | None, np.ndarray]) -> dict[str | None, dict[str, float]]:
+    """:func:`pixel_part` of each subset of images, sharing one sort of every pixel; NaN
+    metrics for a subset whose pixels are all normal or all anomalous."""
+    n = len(masks)
+    flat = masks.reshape(n, -1)
+    any_pos, all_pos = flat.any(axis=1), flat.all(axis=1)
+    defined = {k: rows for k, rows in subsets.items() if any_pos[rows].any() and not all_pos[rows].all()}
+    out: dict[str | None, dict[str, float]] = {k: {f"pixel_{m}": float("nan") for m in PIXEL_KEYS} for k in subsets}
+    if defined:
+        for k, values in pixel_metrics_of_subsets(masks, maps, defined).items():
+            out[k] = {f"pixel_{m}": float(v) for m, v in values.items()}
+    return out
+
+
 def category_report(
     labels: Sequence[int],
     scores: Sequence[float],
@@ -91,25 +106,28 @@ def category_report(
     pixel_rows = normal | masked  # images with pixel ground truth
     with_maps = masks is not None and maps is not None
     n_masked = int((masked & ~normal).sum())
-    metrics = image_part(labels_arr, scores_arr)
+    defect_types = sorted({str(d) for d, lab in zip(defects_arr, labels_arr) if lab == 1})
+    of_type = {d: (defects_arr == d) & (labels_arr == 1) for d in defect_types}
+    # Pixel subsets: all images with ground truth, and per defect type the normal images
+    # plus that type's masked ones; computed together so each pixel is sorted once.
+    subsets: dict[str | None, np.ndarray] = {}
     if with_maps and n_masked:
-        metrics.update(pixel_part(masks[pixel_rows], maps[pixel_rows]))
-    else:
-        metrics.update({f"pixel_{k}": float("nan") for k in PIXEL_KEYS})
+        subsets[None] = pixel_rows
+        subsets.update({d: normal | (rows & masked) for d, rows in of_type.items() if (rows & masked).any()})
+    pixel = _pixel_parts(masks, maps, subsets) if subsets else {}
+    metrics = image_part(labels_arr, scores_arr)
+    metrics.update(pixel.get(None) or {f"pixel_{k}": float("nan") for k in PIXEL_KEYS})
 
     defect_rows = []
-    for defect in sorted({str(d) for d, lab in zip(defects_arr, labels_arr) if lab == 1}):
-        of_type = (defects_arr == defect) & (labels_arr == 1)
-        rows = normal | of_type
-        row: dict[str, Any] = {"defect": defect, "n": int(of_type.sum()),
-                               "n_masked": int((of_type & masked).sum()),
+    for defect in defect_types:
+        rows = normal | of_type[defect]
+        row: dict[str, Any] = {"defect": defect, "n": int(of_type[defect].sum()),
+                               "n_masked": int((of_type[defect] & masked).sum()),
                                "image_auroc": None, "pixel_auroc": None, "aupro": None}
         if normal.any():
             row["image_auroc"] = _num(image_part(labels_arr[rows], scores_arr[rows])["image_auroc"])
-        type_pixels = normal | (of_type & masked)
-        if with_maps and row["n_masked"]:
-            part = pixel_part(masks[type_pixels], maps[type_pixels])
-            row["pixel_auroc"], row["aupro"] = _num(part["pixel_auroc"]), _num(part["pixel_aupro"])
+        if defect in pixel:
+            row["pixel_auroc"], row["aupro"] = _num(pixel[defect]["pixel_auroc"]), _num(pixel[defect]["pixel_aupro"])
         defect_rows.append(row)
 
     details: dict[str, Any] = {

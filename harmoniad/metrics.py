@@ -28,10 +28,13 @@ images) check first, as ``harmoniad.evaluate`` does.
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping, Sequence
+
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["MetricError", "image_metrics", "image_curves", "pixel_metrics", "pixel_curves", "aupro"]
+__all__ = ["MetricError", "image_metrics", "image_curves", "pixel_metrics", "pixel_metrics_of_subsets",
+           "pixel_curves", "aupro"]
 
 # Images labelled and scanned per step: bounds the per-step temporaries.
 _IMAGE_BATCH = 64
@@ -56,15 +59,27 @@ def _trapezoid_to(x: np.ndarray, y: np.ndarray, limit: float) -> float:
     return float(area)
 
 
-def _curve_metrics(neg_sorted: np.ndarray, n_neg: int, pos: np.ndarray,
+def _count_at_least(neg_sorted: Sequence[np.ndarray], thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Normal scores >= and > each threshold, summed over several ascending arrays."""
+    n_ge = np.zeros(len(thresholds), dtype=np.int64)
+    n_gt = np.zeros(len(thresholds), dtype=np.int64)
+    for part in neg_sorted:
+        n_ge += len(part) - np.searchsorted(part, thresholds, side="left")
+        n_gt += len(part) - np.searchsorted(part, thresholds, side="right")
+    return n_ge, n_gt
+
+
+def _curve_metrics(neg_sorted: np.ndarray | Sequence[np.ndarray], n_neg: int, pos: np.ndarray,
                    weights: np.ndarray | None = None, n_regions: int = 0,
                    fpr_limit: float = 0.3) -> dict[str, float]:
     """AUROC, AP, F1-max (and AUPRO when region ``weights`` are given) from ranks.
 
-    ``neg_sorted``: ascending normal scores, all those >= min(pos); the other
+    ``neg_sorted``: ascending normal scores, all those >= min(pos), as one array or several
+    (parts of the normal set sorted apart, counted together); the other
     ``n_neg - len(neg_sorted)`` normal scores are below every anomalous one. ``pos``: the
     anomalous scores; ``weights``: 1 / size of each one's region (summing to ``n_regions``).
     """
+    parts = [neg_sorted] if isinstance(neg_sorted, np.ndarray) else list(neg_sorted)
     n_pos = len(pos)
     order = np.argsort(pos)[::-1]
     pos_desc = pos[order]
@@ -72,8 +87,7 @@ def _curve_metrics(neg_sorted: np.ndarray, n_neg: int, pos: np.ndarray,
     thresholds = pos_desc[ends]  # distinct anomalous scores, descending
     tp = ends + 1  # anomalous scores >= threshold
     count = np.diff(tp, prepend=0)  # anomalous scores == threshold
-    n_ge = len(neg_sorted) - np.searchsorted(neg_sorted, thresholds, side="left")
-    n_gt = len(neg_sorted) - np.searchsorted(neg_sorted, thresholds, side="right")
+    n_ge, n_gt = _count_at_least(parts, thresholds)
     twice_wins = 2 * (n_neg - n_ge) + (n_ge - n_gt)  # per anomalous score: below + half ties
     result = {
         "auroc": int(np.dot(count, twice_wins)) / (2 * n_pos * n_neg),
@@ -244,6 +258,65 @@ def pixel_metrics(masks: object, maps: object, fpr_limit: float = 0.3) -> dict[s
     """
     negatives, n_neg, pos, weights, n_regions = _pixel_scores(masks, maps, fpr_limit)
     return _curve_metrics(negatives, n_neg, pos, weights, n_regions, float(fpr_limit))
+
+
+def pixel_metrics_of_subsets(
+    masks: object, maps: object, subsets: Mapping[Hashable, object], fpr_limit: float = 0.3
+) -> dict[Hashable, dict[str, float]]:
+    """:func:`pixel_metrics` of several subsets of the images, each pixel sorted once.
+
+    ``subsets``: name -> (N,) bool selecting images; the result for a name equals
+    ``pixel_metrics(masks[rows], maps[rows])``. Why: a category's report needs its pixel
+    metrics over all images and again per defect type, each over the normal images plus
+    that type's; sorting the shared normal pixels once per subset would sort them 1 + types
+    times. Here images are grouped by which subsets they belong to, each group's scores are
+    gathered and sorted once, and a subset counts over its groups. Each subset needs an
+    anomalous and a normal pixel (:class:`MetricError` names the subset otherwise).
+    """
+    masks_arr, maps_arr = _pixel_inputs(masks, maps, fpr_limit)
+    n = len(maps_arr)
+    names = list(subsets)
+    member = np.zeros((len(names), n), dtype=bool)
+    for k, name in enumerate(names):
+        rows = np.asarray(subsets[name])
+        if rows.shape != (n,) or rows.dtype != bool:
+            raise MetricError(f"subset {name!r} must be a ({n},) bool array, got {rows.dtype} {rows.shape}")
+        member[k] = rows
+    dtype = np.float32 if np.can_cast(maps_arr.dtype, np.float32, "safe") else np.float64
+    # Groups: images with the same membership pattern (unused images form no group).
+    patterns, group_of = np.unique(member.T, axis=0, return_inverse=True)
+    groups = []
+    for g, pattern in enumerate(patterns):
+        if not pattern.any():
+            continue
+        rows = np.flatnonzero(group_of.ravel() == g)
+        g_masks, g_maps = masks_arr[rows], maps_arr[rows]
+        n_pos = int(np.count_nonzero(g_masks))
+        if n_pos:
+            pos, weights, n_regions = _anomalous_pixels(g_masks, g_maps, dtype)
+        else:
+            pos, weights, n_regions = np.empty(0, dtype), np.empty(0), 0
+        groups.append((pattern, g_masks, g_maps, g_masks.size - n_pos, pos, weights, n_regions))
+    lowest = min((grp[4].min() for grp in groups if len(grp[4])), default=None)
+    result: dict[Hashable, dict[str, float]] = {}
+    sorted_neg = []
+    for pattern, g_masks, g_maps, n_neg, *_ in groups:
+        neg = _normal_scores_from(g_masks, g_maps, lowest, n_neg, dtype) if lowest is not None else np.empty(0, dtype)
+        neg.sort()
+        sorted_neg.append(neg)
+    for k, name in enumerate(names):
+        mine = [i for i, grp in enumerate(groups) if grp[0][k]]
+        n_neg = sum(groups[i][3] for i in mine)
+        n_pos = sum(len(groups[i][4]) for i in mine)
+        if n_pos == 0 or n_neg == 0:
+            raise MetricError(f"subset {name!r}: metrics are undefined with one class only "
+                              f"({n_pos} anomalous, {n_neg} normal pixels)")
+        pos = np.concatenate([groups[i][4] for i in mine])
+        weights = np.concatenate([groups[i][5] for i in mine])
+        n_regions = sum(groups[i][6] for i in mine)
+        result[name] = _curve_metrics([sorted_neg[i] for i in mine], n_neg, pos, weights, n_regions,
+                                      float(fpr_limit))
+    return result
 
 
 def _pixel_scores(

@@ -3,6 +3,8 @@
 - :func:`decoded_batches` decodes images ahead of the compute. On CUDA it uses a torch
   ``DataLoader`` with worker processes (decoding large PNGs is CPU-bound and would starve
   a GPU) and pinned memory (so the host-to-device copy of the raw pixels is asynchronous);
+  each worker decodes chunks of about ``batch / workers`` images, joined back into batches
+  in order (:func:`rebatch`), so even a one-batch category is decoded by every worker;
   on the CPU a small thread pool, which costs no process start-up and leaves the cores to
   the model. Both yield the same batches: a uint8 ``B x H x W x 3`` tensor when the images
   share a size, else the list of ``H x W x 3`` arrays.
@@ -14,8 +16,9 @@ channels-last views already (``tokens_to_map``), so no extra conversion is made.
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,6 +27,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from harmoniad.data.io import read_image
+
+#: Most images one decode worker process turns into one shared-memory tensor at a time.
+MAX_CHUNK = 16
 
 #: A decoded batch: one uint8 ``B x H x W x 3`` tensor (same-size images) or a list of arrays.
 ImageBatch = torch.Tensor | list[np.ndarray]
@@ -47,6 +53,45 @@ def collate_images(images: Sequence[np.ndarray]) -> ImageBatch:
 
 def batch_len(batch: ImageBatch) -> int:
     return int(batch.shape[0]) if isinstance(batch, torch.Tensor) else len(batch)
+
+
+def rebatch(chunks: Iterable[ImageBatch], batch_size: int, *, pin_memory: bool = False) -> Iterator[ImageBatch]:
+    """Decoded chunks, in order -> batches of exactly ``batch_size`` images (the last may be smaller)."""
+    parts: list[ImageBatch] = []
+    held = 0
+    for chunk in chunks:
+        parts.append(chunk)
+        held += batch_len(chunk)
+        while held >= batch_size:
+            batch, rest, taken = [], [], 0
+            for part in parts:
+                n = batch_len(part)
+                if taken + n <= batch_size:
+                    batch.append(part)
+                    taken += n
+                elif taken < batch_size:
+                    cut = batch_size - taken
+                    batch.append(part[:cut])
+                    rest.append(part[cut:])
+                    taken = batch_size
+                else:
+                    rest.append(part)
+            parts, held = rest, held - batch_size
+            yield _join(batch, pin_memory)
+    if parts:
+        yield _join(parts, pin_memory)
+
+
+def _join(parts: list[ImageBatch], pin_memory: bool) -> ImageBatch:
+    """One batch from chunks: a tensor (pinned if asked) when they share an image size, else a list."""
+    if len(parts) == 1:
+        return parts[0]
+    if all(isinstance(p, torch.Tensor) for p in parts) and len({tuple(p.shape[1:]) for p in parts}) == 1:
+        first = parts[0]
+        n = sum(int(p.shape[0]) for p in parts)
+        out = torch.empty((n, *first.shape[1:]), dtype=first.dtype, pin_memory=pin_memory)
+        return torch.cat(parts, out=out)  # type: ignore[arg-type]
+    return [np.asarray(img) for part in parts for img in (part.numpy() if isinstance(part, torch.Tensor) else part)]
 
 
 class _ImageFiles(Dataset):
@@ -85,16 +130,20 @@ def decoded_batches(
     if not plist:
         return
     if processes:
+        # A DataLoader hands each worker whole batches, so a category that fits in one batch
+        # would be decoded by one worker while the others idle: workers decode small chunks
+        # instead (about a batch's share each, two batches ahead), joined here in order.
+        chunk = max(1, min(MAX_CHUNK, math.ceil(min(batch_size, len(plist)) / workers)))
         loader = DataLoader(
             _ImageFiles(plist, reader),
-            batch_size=batch_size,
+            batch_size=chunk,
             shuffle=False,
-            num_workers=min(workers, len(plist)),
+            num_workers=min(workers, math.ceil(len(plist) / chunk)),
             collate_fn=collate_images,
             pin_memory=pin_memory,
-            prefetch_factor=2,
+            prefetch_factor=max(2, math.ceil(2 * batch_size / (chunk * workers))),
         )
-        yield from loader
+        yield from rebatch(loader, batch_size, pin_memory=pin_memory)
         return
     batches = [plist[i : i + batch_size] for i in range(0, len(plist), batch_size)]
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -116,4 +165,5 @@ __all__ = [
     "collate_images",
     "decoded_batches",
     "default_workers",
+    "rebatch",
 ]

@@ -220,3 +220,34 @@ def test_degenerate_image_inputs_raise():
     _raises(r"shapes \(3,\) and \(2,\)", image_metrics, [0, 1, 1], [1, 2])
     _raises(r"NaN or inf at indices \[1\]", image_metrics, [0, 1], [0.5, np.nan])
     _raises(r"found values \[2\]", image_metrics, [0, 2], [0.5, 0.7])
+
+
+@pytest.mark.parametrize("seed,levels", [(0, None), (1, 4)])
+def test_subsets_equal_pixel_metrics_of_each_subset_alone(seed, levels):
+    masks, maps = random_case(seed, n=9, levels=levels)
+    rng = np.random.default_rng(seed + 10)
+    # Overlapping subsets, an image in none of them, and the whole set.
+    subsets = {"all": np.ones(9, dtype=bool), "first": np.arange(9) < 5,
+               "mixed": rng.random(9) < 0.6, "last": np.arange(9) >= 3}
+    subsets["mixed"][[0, 8]] = [True, False]  # a normal image in, one defective image out
+    got = metrics.pixel_metrics_of_subsets(masks, maps, subsets)
+    assert list(got) == list(subsets)
+    for name, rows in subsets.items():
+        want = pixel_metrics(masks[rows], maps[rows])
+        assert got[name]["auroc"] == want["auroc"], name  # integer arithmetic: identical
+        for key in ("ap", "f1_max", "aupro"):
+            assert got[name][key] == pytest.approx(want[key], rel=1e-12, abs=1e-12), (name, key)
+
+
+def test_subsets_differ_when_their_images_differ():
+    # Guards against a subset silently counting every group: two subsets, different answers.
+    masks, maps = random_case(5, n=6)
+    maps[3:] = -maps[3:]  # the last images' maps point the wrong way
+    got = metrics.pixel_metrics_of_subsets(masks, maps, {"good": np.arange(6) < 3, "bad": np.arange(6) != 1})
+    assert got["good"]["auroc"] > 0.8 > got["bad"]["auroc"]
+
+
+def test_a_subset_with_one_class_is_named():
+    masks, maps = random_case(6, n=4)
+    with pytest.raises(MetricError, match="subset 'normal only'"):
+        metrics.pixel_metrics_of_subsets(masks, maps, {"normal only": np.array([True, False, False, False])})
