@@ -29,6 +29,7 @@ images) check first, as ``harmoniad.evaluate`` does.
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage
@@ -260,6 +261,18 @@ def pixel_metrics(masks: object, maps: object, fpr_limit: float = 0.3) -> dict[s
     return _curve_metrics(negatives, n_neg, pos, weights, n_regions, float(fpr_limit))
 
 
+class _Group(NamedTuple):
+    """Images that belong to the same subsets: their pixels' counts, anomalous scores and regions."""
+
+    pattern: np.ndarray  # (subsets,) bool: which subsets hold these images
+    n_neg: int
+    pos: np.ndarray
+    weights: np.ndarray
+    n_regions: int
+    masks: np.ndarray
+    maps: np.ndarray
+
+
 def pixel_metrics_of_subsets(
     masks: object, maps: object, subsets: Mapping[Hashable, object], fpr_limit: float = 0.3
 ) -> dict[Hashable, dict[str, float]]:
@@ -285,7 +298,7 @@ def pixel_metrics_of_subsets(
     dtype = np.float32 if np.can_cast(maps_arr.dtype, np.float32, "safe") else np.float64
     # Groups: images with the same membership pattern (unused images form no group).
     patterns, group_of = np.unique(member.T, axis=0, return_inverse=True)
-    groups = []
+    groups: list[_Group] = []
     for g, pattern in enumerate(patterns):
         if not pattern.any():
             continue
@@ -296,26 +309,26 @@ def pixel_metrics_of_subsets(
             pos, weights, n_regions = _anomalous_pixels(g_masks, g_maps, dtype)
         else:
             pos, weights, n_regions = np.empty(0, dtype), np.empty(0), 0
-        groups.append((pattern, g_masks, g_maps, g_masks.size - n_pos, pos, weights, n_regions))
-    lowest = min((grp[4].min() for grp in groups if len(grp[4])), default=None)
-    result: dict[Hashable, dict[str, float]] = {}
+        groups.append(_Group(pattern, g_masks.size - n_pos, pos, weights, n_regions, g_masks, g_maps))
+    lowest = min((grp.pos.min() for grp in groups if len(grp.pos)), default=None)
     sorted_neg = []
-    for pattern, g_masks, g_maps, n_neg, *_ in groups:
-        neg = _normal_scores_from(g_masks, g_maps, lowest, n_neg, dtype) if lowest is not None else np.empty(0, dtype)
+    for grp in groups:  # each group's normal scores >= the lowest anomalous one, sorted once
+        neg = (_normal_scores_from(grp.masks, grp.maps, lowest, grp.n_neg, dtype) if lowest is not None
+               else np.empty(0, dtype))
         neg.sort()
         sorted_neg.append(neg)
+    result: dict[Hashable, dict[str, float]] = {}
     for k, name in enumerate(names):
-        mine = [i for i, grp in enumerate(groups) if grp[0][k]]
-        n_neg = sum(groups[i][3] for i in mine)
-        n_pos = sum(len(groups[i][4]) for i in mine)
+        mine = [i for i, grp in enumerate(groups) if grp.pattern[k]]
+        n_neg = sum(groups[i].n_neg for i in mine)
+        n_pos = sum(len(groups[i].pos) for i in mine)
         if n_pos == 0 or n_neg == 0:
             raise MetricError(f"subset {name!r}: metrics are undefined with one class only "
                               f"({n_pos} anomalous, {n_neg} normal pixels)")
-        pos = np.concatenate([groups[i][4] for i in mine])
-        weights = np.concatenate([groups[i][5] for i in mine])
-        n_regions = sum(groups[i][6] for i in mine)
-        result[name] = _curve_metrics([sorted_neg[i] for i in mine], n_neg, pos, weights, n_regions,
-                                      float(fpr_limit))
+        result[name] = _curve_metrics(
+            [sorted_neg[i] for i in mine], n_neg,
+            np.concatenate([groups[i].pos for i in mine]), np.concatenate([groups[i].weights for i in mine]),
+            sum(groups[i].n_regions for i in mine), float(fpr_limit))
     return result
 
 

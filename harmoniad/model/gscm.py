@@ -169,9 +169,6 @@ class GSCM(nn.Module):
     to the feature grid), so what belongs at each place is a free parameter per place. Each
     entry is trained by one place per image only, so the tables learn with a ``gain``
     times larger step (reparametrised: stored divided by ``gain``, multiplied back).
-    So the output at a position cannot depend on the token there: it is what the rest of
-    the image says should be there, and a missing part, which looks like normal background,
-    differs from it.
     """
 
     def __init__(self, dim: int, depth: int = 1, heads: int = 4, mlp_ratio: float = 2.0, pos_conv: bool = True,
@@ -210,5 +207,5 @@ class GSCM(nn.Module):
         q = self.gain * self._positions(self.query_pos, grid).to(x.dtype)
         for block in self.blocks:
             q = block(q, tokens, grid)
-        return q.expand_as(x) if q.shape[0] != x.shape[0] else q
+        return q  # B x N x D: the first block's attention gave the queries the batch dimension
 
