@@ -184,18 +184,24 @@ class HostPrediction:
 
     On CUDA each batch is copied into pinned host memory asynchronously and read one batch
     later (after its copy event), so the copy overlaps the next batch's compute; on the CPU
-    the arrays are taken as they are. :meth:`result` gives the :class:`Prediction`.
+    the arrays are taken as they are. With ``total`` (the number of images to come) each
+    batch is copied straight into arrays of the final size, so the maps are not gathered a
+    second time at the end (a category's maps are hundreds of MB at 256 px).
+    :meth:`result` gives the :class:`Prediction`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, total: int | None = None) -> None:
+        self._total = total
         self._arrays: list[dict[str, np.ndarray | None]] = []
+        self._out: dict[str, np.ndarray | None] | None = None  # with ``total``: the final arrays
+        self._filled = 0
         self._pending: tuple[FinalMaps, torch.cuda.Event] | None = None
 
     def add(self, final: FinalMaps) -> None:
         """Take one batch's maps (on any device); its device memory can be reused right after."""
         self._flush()
         if final.scores.device.type != "cuda":
-            self._arrays.append(final.numpy())
+            self._keep(final.numpy())
             return
 
         def pinned(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -215,12 +221,34 @@ class HostPrediction:
         if self._pending is not None:
             host, event = self._pending
             event.synchronize()
-            self._arrays.append(host.numpy())
+            self._keep(host.numpy())
             self._pending = None
+
+    def _keep(self, arrays: dict[str, np.ndarray | None]) -> None:
+        if self._total is None:
+            self._arrays.append(arrays)
+            return
+        n = len(arrays["scores"])
+        if self._filled + n > self._total:
+            raise ValueError(f"HostPrediction: more than the {self._total} images announced")
+        if self._out is None:
+            self._out = {k: None if a is None else np.empty((self._total, *a.shape[1:]), np.float32)
+                         for k, a in arrays.items()}
+        for k, a in arrays.items():
+            if (a is None) != (self._out[k] is None):
+                raise ValueError(f"HostPrediction: map {k!r} is in some batches and not in others")
+            if a is not None:
+                self._out[k][self._filled : self._filled + n] = a
+        self._filled += n
 
     def result(self) -> Prediction:
         """Everything added so far, in order, as one host-side :class:`Prediction`."""
         self._flush()
+        if self._total is not None:
+            if self._out is None or self._filled != self._total:
+                raise ValueError(f"HostPrediction.result: {self._filled} of {self._total} images were added")
+            return Prediction(scores=self._out["scores"], maps=self._out["maps"],
+                              high_maps=self._out["high_maps"], low_maps=self._out["low_maps"])
         if not self._arrays:
             raise ValueError("HostPrediction.result: no batches were added")
         return _concatenate(self._arrays)

@@ -139,7 +139,7 @@ class Scorer:
         """``H x W x 3`` uint8 RGB arrays -> :class:`~harmoniad.methods.base.Prediction`."""
         backbone = self._backbone()
         meter = Progress("score", len(images), progress)
-        host = HostPrediction()
+        host = HostPrediction(len(images))
         for start in range(0, len(images), self.batch_size):
             batch = images[start : start + self.batch_size]
             host.add(self.score_tensor(backbone.preprocess(list(batch))))
@@ -149,7 +149,7 @@ class Scorer:
     def score_source(self, source: FeatureSource, progress: ProgressFn | None = None) -> Prediction:
         """Every image of ``source``, in order -> Prediction (maps moved to the host per batch)."""
         meter = Progress("score", len(source), progress)
-        host = HostPrediction()  # maps leave the device batch by batch
+        host = HostPrediction(len(source))  # maps leave the device batch by batch
         heads = AdaptiveBatch(self.batch_size)  # the heads' share halves itself on CUDA out-of-memory
         for feats in in_order(source, self.batch_size):
             n = int(feats[0].shape[0])

@@ -16,10 +16,11 @@ def _batch(seed: int, n: int, branches: bool = True) -> FinalMaps:
                      high=maps * 0.5 if branches else None, low=maps * 0.25 if branches else None)
 
 
+@pytest.mark.parametrize("total", [None, 7], ids=["gathered-at-the-end", "into-final-arrays"])
 @pytest.mark.parametrize("branches", [True, False])
-def test_batches_collected_on_the_host_equal_the_all_at_once_conversion(branches):
+def test_batches_collected_on_the_host_equal_the_all_at_once_conversion(branches, total):
     parts = [_batch(i, n, branches) for i, n in enumerate([3, 3, 1])]
-    host = HostPrediction()
+    host = HostPrediction(total)
     for p in parts:
         host.add(p)
     got, want = host.result(), prediction_from(parts)
@@ -34,3 +35,12 @@ def test_batches_collected_on_the_host_equal_the_all_at_once_conversion(branches
 def test_an_empty_collection_is_refused():
     with pytest.raises(ValueError, match="no batches"):
         HostPrediction().result()
+
+
+def test_an_announced_total_must_be_met_exactly():
+    host = HostPrediction(4)
+    host.add(_batch(0, 3))
+    with pytest.raises(ValueError, match="3 of 4 images"):
+        host.result()
+    with pytest.raises(ValueError, match="more than the 4 images"):
+        host.add(_batch(1, 2))
