@@ -1,10 +1,12 @@
-"""Map files: one file per category of per-image zlib blobs with an offset table.
+"""Map files: one file per category of per-image compressed blobs with an offset table.
 
 Loading one image's maps reads only that image (three small reads). Maps keep float16
 precision with a per-map power-of-two scale (exact, no overflow whatever the value range),
 or, with ``map_precision="uint8"``, 8 bits over each map's own range (about 2.4x smaller;
 enough to look at, not to recompute pixel metrics). Codes are delta-coded losslessly before
-deflate. Masks are bit-packed.
+compression (zstd, level 1: about 3x faster than zlib's fastest level at a better ratio on
+these codes; it is on the evaluation's hot path). Masks are bit-packed. Format 1 files
+(zlib blobs) are still read.
 """
 
 from __future__ import annotations
@@ -20,13 +22,16 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
+import torch
 
 from harmoniad.runtime.atomic import atomic_path
 from harmoniad.store.schema import RunDataMissing
 
 MapPrecision = Literal["float16", "uint8"]
 
-_MAPS_FORMAT = 1
+_MAPS_FORMAT = 2  # 1: zlib blobs (read only); 2: blobs compressed by the codec named in the header
+_CODEC = "zstd"
 _MAPS_MAGIC = b"HARMONIAD-MAPS\x00\x01"  # 16 bytes; its first 8 also end the file
 _FOOTER = "<QQ8s"  # offset-table position, meta length, magic
 _MAP_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -60,7 +65,7 @@ def write_maps(
     masks: np.ndarray | None,
     precision: MapPrecision,
 ) -> None:
-    """One maps file per category: a zlib blob per image, an offset table, a JSON header.
+    """One maps file per category: a compressed blob per image, an offset table, a JSON header.
 
     Layout: magic, blobs, ``n + 1`` little-endian int64 offsets, meta JSON, then a footer
     (offset-table position, meta length, magic). Reading image ``i`` is three small reads
@@ -74,20 +79,22 @@ def write_maps(
         with open(tmp, "wb") as fh:
             fh.write(_MAPS_MAGIC)
             offsets[0] = fh.tell()
+            encoded = [_encode_maps(stack, precision) for stack in stacks]  # all images at once
+            codec = pa.Codec(_CODEC, compression_level=1)
             for i in range(n):
                 parts = []
-                for stack in stacks:
-                    data, param = _encode_map(stack[i], precision)
-                    parts += [np.asarray(param, dtype="<f8").tobytes(), data]
+                for codes, params in encoded:
+                    parts += [params[i].tobytes(), codes[i].tobytes()]
                 if masks is not None:
                     parts.append(np.packbits(np.asarray(masks[i], dtype=bool)).tobytes())
-                fh.write(zlib.compress(b"".join(parts), 1))
+                fh.write(codec.compress(b"".join(parts), asbytes=True))
                 offsets[i + 1] = fh.tell()
             table_at = fh.tell()
             fh.write(offsets.tobytes())
             meta = json.dumps(
                 {
                     "format": _MAPS_FORMAT,
+                    "codec": _CODEC,
                     "n": int(n),
                     "shape": [int(x) for x in shape],
                     "encoding": precision,
@@ -101,25 +108,41 @@ def write_maps(
             os.fsync(fh.fileno())
 
 
-def _encode_map(values: np.ndarray, precision: MapPrecision) -> tuple[bytes, tuple[float, float]]:
-    """Encode one (H, W) map; return its bytes and two decoding parameters.
+def _encode_maps(stack: np.ndarray, precision: MapPrecision) -> tuple[np.ndarray, np.ndarray]:
+    """Encode ``(N, H, W)`` maps: per image its code bytes (``(N, bytes)`` uint8) and two
+    little-endian float64 decoding parameters (``(N, 2)``).
 
     The integer codes (float16 bit patterns or uint8 levels) are differenced along both
     axes with wrap-around, which is exactly invertible and turns smooth maps into mostly
     small numbers; for float16 the high and low bytes are then grouped (byte shuffle).
-    Both roughly halve the deflated size of a typical anomaly map.
+    Both roughly halve the compressed size of a typical anomaly map. float16 codes are made
+    for the whole stack in torch (vectorised half conversion, ~3x faster than per map).
     """
-    m = np.asarray(values, dtype=np.float32)
-    finite = m[np.isfinite(m)]
+    m = np.asarray(stack, dtype=np.float32)
+    n, h, w = m.shape
+    finite = np.isfinite(m)
     if precision == "float16":
-        peak = float(np.abs(finite).max()) if finite.size else 0.0
-        exp = 0 if peak == 0.0 else -math.floor(math.log2(peak))  # peak * 2**exp in [1, 2): exact scaling
-        codes = np.ldexp(m, exp).astype(np.float16).view(np.uint16)
-        return _delta2d(codes).view(np.uint8).reshape(-1, 2).T.tobytes(), (exp, 0.0)
-    lo = float(finite.min()) if finite.size else 0.0
-    hi = float(finite.max()) if finite.size else 0.0
-    scaled = np.zeros_like(m) if hi == lo else (np.nan_to_num(m, nan=lo, posinf=hi, neginf=lo) - lo) / (hi - lo)
-    return _delta2d(np.round(scaled * 255).astype(np.uint8)).tobytes(), (lo, hi)
+        peaks = np.abs(np.where(finite, m, 0.0)).reshape(n, -1).max(axis=1)
+        # peak * 2**exp in [1, 2): an exact scaling (float64 holds every float32 times 2**exp).
+        exps = np.array([0 if p == 0.0 else -math.floor(math.log2(float(p))) for p in peaks], dtype=np.int64)
+        scales = torch.from_numpy(np.ldexp(1.0, exps))[:, None, None]  # float64 powers of two
+        scaled = torch.from_numpy(m).double().mul_(scales)
+        codes = scaled.half().view(torch.int16)
+        codes = torch.diff(codes, dim=2, prepend=torch.zeros(n, h, 1, dtype=torch.int16))
+        codes = torch.diff(codes, dim=1, prepend=torch.zeros(n, 1, w, dtype=torch.int16))
+        shuffled = codes.numpy().view(np.uint8).reshape(n, h * w, 2).transpose(0, 2, 1).reshape(n, -1)
+        params = np.stack([exps.astype(np.float64), np.zeros(n)], axis=1).astype("<f8")
+        return np.ascontiguousarray(shuffled), params
+    out, params = np.empty((n, h * w), np.uint8), np.empty((n, 2), "<f8")
+    for i in range(n):
+        fin = m[i][finite[i]]
+        lo = float(fin.min()) if fin.size else 0.0
+        hi = float(fin.max()) if fin.size else 0.0
+        scaled = (np.zeros_like(m[i]) if hi == lo
+                  else (np.nan_to_num(m[i], nan=lo, posinf=hi, neginf=lo) - lo) / (hi - lo))
+        out[i] = _delta2d(np.round(scaled * 255).astype(np.uint8)).reshape(-1)
+        params[i] = (lo, hi)
+    return out, params
 
 
 def _decode_map(data: bytes, param: np.ndarray, encoding: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -143,6 +166,18 @@ def _undelta2d(d: np.ndarray) -> np.ndarray:
     return np.cumsum(np.cumsum(d, axis=0, dtype=d.dtype), axis=1, dtype=d.dtype)
 
 
+def _code_size(meta: dict) -> int:
+    """Bytes of one map's codes."""
+    pixels = int(np.prod(meta["shape"]))
+    return 2 * pixels if meta["encoding"] == "float16" else pixels
+
+
+def _blob_size(meta: dict) -> int:
+    """Bytes of one image's decompressed blob: per map two float64 and its codes, then the packed mask."""
+    pixels = int(np.prod(meta["shape"]))
+    return len(meta["maps"]) * (16 + _code_size(meta)) + ((pixels + 7) // 8 if meta["has_mask"] else 0)
+
+
 def read_maps(path: Path, local: int, where: str) -> dict[str, np.ndarray]:
     try:
         with open(path, "rb") as fh:
@@ -156,23 +191,33 @@ def read_maps(path: Path, local: int, where: str) -> dict[str, np.ndarray]:
             meta_at = size - struct.calcsize(_FOOTER) - meta_len
             fh.seek(meta_at)
             meta = json.loads(fh.read(meta_len))
-            if meta.get("format") != _MAPS_FORMAT:
-                raise ValueError(f"format {meta.get('format')}, expected {_MAPS_FORMAT}")
+            if meta.get("format") not in (1, _MAPS_FORMAT):
+                raise ValueError(f"format {meta.get('format')}, expected 1 or {_MAPS_FORMAT}")
             if not 0 <= local < meta["n"] or table_at + 8 * (meta["n"] + 1) != meta_at:
                 raise ValueError(f"image {local} not in a file of {meta['n']} images, or bad offset table")
             fh.seek(table_at + 8 * local)
             start, end = np.frombuffer(fh.read(16), dtype="<i8")
             fh.seek(int(start))
-            blob = zlib.decompress(fh.read(int(end - start)))
+            data = fh.read(int(end - start))
+            if meta["format"] == 1:
+                blob = zlib.decompress(data)
+            else:
+                try:
+                    blob = pa.Codec(meta["codec"]).decompress(data, decompressed_size=_blob_size(meta), asbytes=True)
+                except OSError as exc:  # what pyarrow raises for a damaged frame
+                    raise ValueError(f"image {local}'s blob does not decompress ({exc})") from exc
     except FileNotFoundError as exc:
         raise RunDataMissing(
             f"{where}: maps file {path} is missing (run files deleted? delete the run or re-run it)"
         ) from exc
     except (ValueError, KeyError, struct.error, zlib.error) as exc:
         raise RunDataMissing(f"{where}: maps file {path} is corrupt or incomplete: {exc}") from exc
+    if len(blob) != _blob_size(meta):
+        raise RunDataMissing(f"{where}: maps file {path} is corrupt: image {local} holds {len(blob)} bytes, "
+                             f"expected {_blob_size(meta)}")
     shape = tuple(meta["shape"])
     pixels = int(np.prod(shape))
-    size = 2 * pixels if meta["encoding"] == "float16" else pixels
+    size = _code_size(meta)
     out, offset = {}, 0
     for name in meta["maps"]:
         param = np.frombuffer(blob, dtype="<f8", count=2, offset=offset)
