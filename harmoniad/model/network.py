@@ -37,12 +37,16 @@ Maps (docs/design.md#anomaly-and-branch-maps), at grid resolution, averaged over
 
     high map   M_h = mean_l D(R_high_l, X_high_l)        low map  M_l = mean_l D(R_low_l, X_low_l)
     joint map  M_j = mean_l 1 - cos(R_high_l + R_low_l, X_l)
-    anomaly    A   = w z_h + (1 - w) z_j,   z = (M - m) / (Q - m)
+    anomaly    A   = w z_h + (1 - w) z_j,   z = (M - mean_{i in kNN} m_i) / mean_{i in kNN} (Q_i - m_i)
 
-``m`` and ``Q`` are each map's median and ``fusion_quantile`` quantile on the training
-normals, measured after training (:meth:`HarmoniAD.calibrate`; buffers in the checkpoint):
-the fusion is learned on normal data only. ``w = fusion_high_weight``; ``fusion="mean"``
-uses ``z_l`` instead of ``z_j``, ``"max"`` is ``max(z_h, z_l)``.
+``fusion="reference"`` (default): ``m_i`` and ``Q_i`` are the median and ``fusion_quantile``
+quantile of the map of training normal ``i``, and ``kNN`` the ``fusion_neighbours`` training
+normals nearest to the image by the log medians of its maps, measured after training
+(:meth:`HarmoniAD.calibrate`; buffers in the checkpoint): the fusion is learned on normal
+data only, and each map is scaled like the training images of its kind (no category
+label). The pooled fusions (``"joint"``, ``"mean"``, ``"max"``) use one median ``m`` and
+quantile ``Q`` over all training positions, ``z = (M - m) / (Q - m)``; ``"mean"`` uses ``z_l``
+instead of ``z_j``, ``"max"`` is ``max(z_h, z_l)``. ``w = fusion_high_weight``.
 
 Ablations are config values: ``split=False`` feeds both branches the whole normalised
 features and makes both reconstruct them; ``branches="high"`` / ``"low"`` keeps one branch,
@@ -66,7 +70,8 @@ from harmoniad.model.layers import map_to_tokens, noisy_dropout, sincos_position
 
 Branches = Literal["both", "high", "low"]
 Distance = Literal["mse", "group_cos"]
-Fusion = Literal["joint", "mean", "max"]
+Fusion = Literal["reference", "joint", "mean", "max"]
+FusionLocation = Literal["references", "image"]
 BANDS = ("high", "low")
 MAPS = ("high", "low", "joint")  # the maps the fusion standardises
 
@@ -119,15 +124,22 @@ class ModelConfig:
     hard_mining_fraction: float = 1.0
     high_loss_weight: float = 1.0
     low_loss_weight: float = 1.0
-    fusion: Fusion = "joint"
+    fusion: Fusion = "reference"
     fusion_quantile: float = 0.99
     fusion_high_weight: float = 0.45
+    # fusion="reference": each map's scale from the ``fusion_neighbours`` training images whose maps
+    # look most alike (at most ``fusion_references`` training images kept in the checkpoint).
+    fusion_neighbours: int = 10
+    fusion_references: int = 512
+    # Where z = 0: the references' mean median ("references") or the image's own median ("image").
+    fusion_location: FusionLocation = "references"
 
     def __post_init__(self) -> None:
         if self.branches not in ("both", "high", "low"):
             raise ValueError(f"branches must be 'both', 'high' or 'low', got {self.branches!r}")
         for name in ("hidden_dim", "fsam_depth", "fsam_heads", "fsam_window", "fsam_kernel", "gscm_depth",
-                     "gscm_heads", "fsam_gate_reduction", "cos_groups", "gscm_pos_table"):
+                     "gscm_heads", "fsam_gate_reduction", "cos_groups", "gscm_pos_table", "fusion_neighbours",
+                     "fusion_references"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.gscm_queries not in ("tokens", "positions"):
@@ -138,8 +150,10 @@ class ModelConfig:
             raise ValueError(f"gscm_pos_gain must be > 0, got {self.gscm_pos_gain}")
         if self.distance not in ("mse", "group_cos"):
             raise ValueError(f"distance must be 'mse' or 'group_cos', got {self.distance!r}")
-        if self.fusion not in ("joint", "mean", "max"):
-            raise ValueError(f"fusion must be 'joint', 'mean' or 'max', got {self.fusion!r}")
+        if self.fusion_location not in ("references", "image"):
+            raise ValueError(f"fusion_location must be 'references' or 'image', got {self.fusion_location!r}")
+        if self.fusion not in ("reference", "joint", "mean", "max"):
+            raise ValueError(f"fusion must be 'reference', 'joint', 'mean' or 'max', got {self.fusion!r}")
         for name in ("token_dropout", "bottleneck_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -347,9 +361,15 @@ class HarmoniAD(nn.Module):
                    noisy=cfg.gscm_queries == "tokens")
             if cfg.has_low else None
         )
-        # Location and scale of the high and low maps on the training normals (set by ``calibrate``).
+        # Location and scale of each map on the training normals, pooled (set by ``calibrate``).
         self.register_buffer("map_mean", torch.zeros(len(MAPS)))
         self.register_buffer("map_std", torch.ones(len(MAPS)))
+        if cfg.fusion == "reference":
+            # Per kept training image and map: log of its median (where it sits among the references)
+            # and its own scale, quantile minus median; ``ref_count`` rows are filled by ``calibrate``.
+            self.register_buffer("ref_desc", torch.zeros(cfg.fusion_references, len(MAPS)))
+            self.register_buffer("ref_scale", torch.ones(cfg.fusion_references, len(MAPS)))
+            self.register_buffer("ref_count", torch.zeros((), dtype=torch.long))
 
     @property
     def fsam(self) -> nn.Module | None:
@@ -438,16 +458,53 @@ class HarmoniAD(nn.Module):
         return maps
 
     def fuse(self, maps: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The anomaly map from the maps standardised by the training normals' statistics."""
-        z = {name: (maps[name] - self.map_mean[i]) / self.map_std[i] for i, name in enumerate(MAPS) if name in maps}
+        """The anomaly map from the maps standardised by the training normals' statistics.
+
+        ``fusion="reference"`` standardises each map of an image against the training images
+        that resemble it (:meth:`reference_z`); the other fusions use the pooled statistics.
+        Before :meth:`calibrate` a reference model falls back to the pooled ones.
+        """
+        if self.cfg.fusion == "reference" and int(self.ref_count) > 0:
+            z = self.reference_z(maps)
+        else:
+            z = {name: (maps[name] - self.map_mean[i]) / self.map_std[i] for i, name in enumerate(MAPS) if name in maps}
         if "joint" not in z:  # one branch: its own map
             return next(iter(z.values()))
         w = self.cfg.fusion_high_weight
-        if self.cfg.fusion == "joint":
+        if self.cfg.fusion in ("joint", "reference"):
             return w * z["high"] + (1.0 - w) * z["joint"]
         if self.cfg.fusion == "max":
             return torch.maximum(z["high"], z["low"])
         return w * z["high"] + (1.0 - w) * z["low"]
+
+    def reference_z(self, maps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``z = (M - location) / mean scale of the image's nearest references``, per map.
+
+        An image's references are the ``fusion_neighbours`` kept training normals nearest to
+        it by the log medians of its maps (Euclidean): images of the same kind of object,
+        without a category label. A category's maps can be several times wider than
+        another's (the high map on a texture against that on an object), so one pooled
+        scale weighs the branches differently in every category; the neighbours' scale
+        puts each map on its own category's footing. The location is the references' mean
+        median (``fusion_location="references"``) or the image's own median (``"image"``: a
+        defect covers a minority of positions; but a large defect then lowers its own
+        image's map, and with it the image score).
+        """
+        names = [name for name in MAPS if name in maps]
+        cols = [MAPS.index(name) for name in names]
+        med = {name: torch.quantile(maps[name].flatten(1).float(), 0.5, dim=1) for name in names}  # (B,) each
+        desc = torch.stack([med[name] for name in names], dim=1).clamp_min(1e-12).log()  # (B, maps)
+        count = int(self.ref_count)
+        refs = self.ref_desc[:count, cols].to(desc.device)
+        k = min(self.cfg.fusion_neighbours, count)
+        nearest = torch.cdist(desc, refs).topk(k, dim=1, largest=False).indices  # (B, k)
+        scale = self.ref_scale[:count, cols].to(desc.device)[nearest].mean(dim=1)  # (B, maps)
+        if self.cfg.fusion_location == "image":
+            loc = desc.exp()
+        else:
+            loc = refs.exp()[nearest].mean(dim=1)
+        return {name: (maps[name] - loc[:, j].view(-1, 1, 1)) / scale[:, j].view(-1, 1, 1)
+                for j, name in enumerate(names)}
 
     def output_maps(self, out: ModelOutput) -> GridMaps:
         """Grid-resolution maps: branch distances to their bands and their fusion."""
@@ -466,20 +523,28 @@ class HarmoniAD(nn.Module):
 
     @torch.no_grad()
     def calibrate(self, batches: Iterable[list[torch.Tensor]], max_values: int = 2_000_000) -> None:
-        """Measure each branch map on training normals (after training): its median and upper tail, for the fusion.
+        """Measure each branch map on training normals (after training): the fusion's statistics.
 
-        The fusion standardises a map as ``(M - median) / (q - median)`` with ``q`` its
-        ``cfg.fusion_quantile`` quantile on normal positions: a robust location and a scale
-        set by the normal map's upper tail, where false positives come from (a standard
-        deviation under-weights a heavy tail). At most ``max_values`` positions per map are
-        kept (an evenly strided subset beyond that).
+        Pooled over all positions (every fusion but ``"reference"``): ``(M - median) / (q -
+        median)`` with ``q`` the ``cfg.fusion_quantile`` quantile of the normal positions, a
+        robust location and a scale set by the normal map's upper tail, where false positives
+        come from (a standard deviation under-weights a heavy tail). At most ``max_values``
+        positions per map are kept (an evenly strided subset beyond that).
+
+        Per image (``fusion="reference"``): the log median of each map and its own scale,
+        quantile minus median over the image's positions, for at most
+        ``cfg.fusion_references`` images (an evenly strided subset beyond that).
         """
         was_training = self.training
         self.eval()
         values: dict[str, list[torch.Tensor]] = {name: [] for name in MAPS}
+        per_image: dict[str, list[torch.Tensor]] = {name: [] for name in MAPS}  # (B, 2): median, scale
         for feats in batches:
             for name, m in self.branch_maps(self(feats)).items():
-                values[name].append(m.float().flatten().cpu())
+                flat = m.float().flatten(1)
+                values[name].append(flat.flatten().cpu())
+                med, top = torch.quantile(flat, flat.new_tensor([0.5, self.cfg.fusion_quantile]), dim=1)
+                per_image[name].append(torch.stack([med, (top - med).clamp_min(1e-6)], dim=1).cpu())
         self.train(was_training)
         for i, name in enumerate(MAPS):
             if not values[name]:
@@ -491,6 +556,25 @@ class HarmoniAD(nn.Module):
             scale = (torch.quantile(v, self.cfg.fusion_quantile) - loc).clamp_min(1e-6)
             self.map_mean[i] = loc
             self.map_std[i] = scale
+        if self.cfg.fusion == "reference":
+            self._keep_references(per_image)
+
+    def _keep_references(self, per_image: dict[str, list[torch.Tensor]]) -> None:
+        """Fill ``ref_desc`` / ``ref_scale`` with at most ``fusion_references`` evenly strided training images."""
+        stats = {name: torch.cat(rows) for name, rows in per_image.items() if rows}
+        if not stats:
+            raise ValueError("HarmoniAD.calibrate: no training maps to calibrate the fusion on")
+        n = next(iter(stats.values())).shape[0]
+        keep = torch.arange(n)
+        if n > self.cfg.fusion_references:
+            keep = torch.linspace(0, n - 1, self.cfg.fusion_references).round().long()
+        self.ref_desc.zero_()
+        self.ref_scale.fill_(1.0)
+        for name, st in stats.items():
+            i = MAPS.index(name)
+            self.ref_desc[: len(keep), i] = st[keep, 0].clamp_min(1e-12).log().to(self.ref_desc.device)
+            self.ref_scale[: len(keep), i] = st[keep, 1].to(self.ref_scale.device)
+        self.ref_count.fill_(len(keep))
 
 
 def parameter_counts(model: HarmoniAD) -> dict[str, int]:

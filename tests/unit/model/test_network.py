@@ -249,6 +249,77 @@ def test_fusion_standardises_each_map_on_normal_data(fusion: str) -> None:
         torch.testing.assert_close(maps.anomaly, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("location", ["references", "image"])
+def test_reference_fusion_statistics_come_from_the_training_normals(location: str) -> None:
+    """``calibrate`` keeps, per training image (an evenly strided subset beyond ``fusion_references``), the
+    log median of each map and its own 0.9-quantile minus median, computed here from the raw maps; an image
+    is then standardised by the mean scale of its nearest references, around their mean median (or its own)."""
+    feats, other = _feats(b=6), _feats(b=2, seed=5)
+    cfg = ModelConfig(**SMALL, fusion_quantile=0.9, fusion_references=4, fusion_neighbours=2,
+                      fusion_location=location)
+    model = _fitted(cfg, feats).eval()
+    with torch.no_grad():
+        raw = {k: v.flatten(1).double().numpy() for k, v in model.branch_maps(model(feats)).items()}
+        model.calibrate([[f[:4] for f in feats], [f[4:] for f in feats]])  # batch by batch
+        kept = [0, 2, 3, 5]  # 4 of 6 images, evenly strided
+        assert int(model.ref_count) == 4
+        for i, name in enumerate(("high", "low", "joint")):
+            med = np.median(raw[name][kept], axis=1)
+            np.testing.assert_allclose(model.ref_desc[:4, i].numpy(), np.log(med), rtol=1e-5)
+            scale = np.quantile(raw[name][kept], 0.9, axis=1) - med
+            np.testing.assert_allclose(model.ref_scale[:4, i].numpy(), scale, rtol=1e-4)
+        maps = model.branch_maps(model(other))
+        test = {k: v.flatten(1).double().numpy() for k, v in maps.items()}
+        own = np.stack([np.median(test[k], axis=1) for k in ("high", "low", "joint")], axis=1)
+        refs = np.stack([np.log(np.median(raw[k][kept], axis=1)) for k in ("high", "low", "joint")], axis=1)
+        scales = np.stack([np.quantile(raw[k][kept], 0.9, axis=1) - np.median(raw[k][kept], axis=1)
+                           for k in ("high", "low", "joint")], axis=1)
+        nearest = np.argsort(((np.log(own)[:, None] - refs[None]) ** 2).sum(-1), axis=1)[:, :2]
+        scale = scales[nearest].mean(axis=1)  # (2 images, 3 maps)
+        loc = own if location == "image" else np.exp(refs)[nearest].mean(axis=1)
+        z = {k: (test[k] - loc[:, i:i + 1]) / scale[:, i:i + 1] for i, k in enumerate(("high", "low", "joint"))}
+        expected = (0.45 * z["high"] + 0.55 * z["joint"]).reshape(2, 6, 9)
+        np.testing.assert_allclose(model.fuse(maps).double().numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def _with_references(cfg: ModelConfig, medians: list[tuple[float, float, float]],
+                     scales: list[tuple[float, float, float]]) -> HarmoniAD:
+    model = HarmoniAD(cfg, 24, 3)
+    model.ref_desc[: len(medians)] = torch.tensor(medians).log()
+    model.ref_scale[: len(scales)] = torch.tensor(scales)
+    model.ref_count.fill_(len(medians))
+    return model
+
+
+def test_reference_fusion_follows_each_branch_where_only_it_fires() -> None:
+    """Two kinds of normal image (a texture-like one with a narrow high map, an object-like one with a wide
+    one): in an image of either kind, a peak of two of its kind's scales in the high map alone, or in the
+    joint map alone, shows in the anomaly map at exactly w * 2 or (1 - w) * 2, and nowhere else. A pooled
+    scale would weigh the texture's high peak by the object's width and the other way round."""
+    kinds = {"texture": ((0.3, 0.1, 0.2), (0.2, 0.3, 0.1)), "object": ((0.1, 0.08, 0.15), (0.8, 0.3, 0.5))}
+    medians = [kinds[k][0] for k in kinds for _ in range(5)]
+    scales = [kinds[k][1] for k in kinds for _ in range(5)]
+    model = _with_references(ModelConfig(**SMALL, fusion_neighbours=5, fusion_high_weight=0.45), medians, scales)
+    for med, scale in kinds.values():
+        maps = {name: torch.full((1, 4, 4), med[i]) for i, name in enumerate(("high", "low", "joint"))}
+        maps["high"][0, 0, 1] += 2 * scale[0]  # only the high map fires here
+        maps["joint"][0, 2, 3] += 2 * scale[2]  # only the joint map fires here
+        maps["low"][0, 3, 0] += 2 * scale[1]  # the low map enters through the joint map only
+        expected = torch.zeros(1, 4, 4)
+        expected[0, 0, 1], expected[0, 2, 3] = 0.45 * 2, 0.55 * 2
+        torch.testing.assert_close(model.fuse(maps), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_fusion_with_one_branch_standardises_that_branch() -> None:
+    cfg = ModelConfig(**SMALL, branches="low", fusion_neighbours=1)
+    model = _with_references(cfg, [(1.0, 0.5, 1.0), (1.0, 0.05, 1.0)], [(1.0, 0.2, 1.0), (1.0, 0.02, 1.0)])
+    low = torch.full((1, 3, 3), 0.05)
+    low[0, 1, 1] = 0.09
+    expected = torch.zeros(1, 3, 3)
+    expected[0, 1, 1] = 2.0  # the nearer reference (median 0.05) sets the scale 0.02
+    torch.testing.assert_close(model.fuse({"low": low}), expected)
+
+
 @pytest.mark.parametrize(
     "flags, has_high, has_low",
     [({}, True, True), ({"split": False}, True, True), ({"branches": "high"}, True, False),

@@ -207,6 +207,31 @@ def test_crafted_configs_are_refused(tmp_path: Path, edit, error, match) -> None
         load_checkpoint(directory)
 
 
+def test_a_checkpoint_from_before_the_reference_fusion_loads_and_keeps_its_fusion(tmp_path: Path) -> None:
+    """A checkpoint written before ``fusion="reference"`` (config without its fields, weights without its
+    statistics) loads and fuses as it did; a reference checkpoint without its statistics is refused by name."""
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    old_cfg = replace(MODEL, fusion="joint")
+    model = build_model(old_cfg, 16, 2, seed=0)
+    info = CheckpointInfo("harmoniad-checkpoint", 1, "test", old_cfg, None, TrainConfig(), 16, 2, (6, 6))
+    save_checkpoint(tmp_path / "old", model, info, {})
+    config = json.loads((tmp_path / "old" / CONFIG_FILE).read_text())
+    for key in ("fusion_neighbours", "fusion_references"):
+        del config["model"][key]
+    (tmp_path / "old" / CONFIG_FILE).write_text(json.dumps(config))
+    loaded, loaded_info = load_checkpoint(tmp_path / "old")
+    assert loaded_info.model.fusion == "joint" and not hasattr(loaded, "ref_desc")
+
+    directory = _checkpoint(tmp_path / "new")
+    weights = {k: v for k, v in load_file(str(directory / MODEL_FILE)).items() if not k.startswith("ref_")}
+    save_file(weights, str(directory / MODEL_FILE))
+    with pytest.raises(CheckpointError, match=r"missing \['ref_count', 'ref_desc', 'ref_scale'\]"):
+        load_checkpoint(directory)
+
+
 def test_missing_files_are_named(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="config.json"):
         read_checkpoint_info(tmp_path)
@@ -238,6 +263,8 @@ def test_checkpoint_carries_the_statistics_of_the_training_normals(tmp_path: Pat
     for i, band in enumerate(("high", "low")):  # location = the median of the map on the training normals
         assert float(model.map_mean[i]) == pytest.approx(float(getattr(maps, band).flatten().median()), rel=1e-4)
         assert float(model.map_std[i]) > 0 and float(model.map_std[i]) != 1.0
+    assert int(model.ref_count) == 8  # the reference fusion's per-image statistics, one row per training image
+    assert (model.ref_scale[:8] > 0).all() and (model.ref_desc[8:] == 0).all()
 
 
 SHORTCUT_MODEL = ModelConfig(hidden_dim=32, fsam_heads=2, gscm_heads=2, fsam_window=4)
