@@ -125,8 +125,11 @@ def _encode_maps(stack: np.ndarray, precision: MapPrecision) -> tuple[np.ndarray
         peaks = np.abs(np.where(finite, m, 0.0)).reshape(n, -1).max(axis=1)
         # peak * 2**exp in [1, 2): an exact scaling (float64 holds every float32 times 2**exp).
         exps = np.array([0 if p == 0.0 else -math.floor(math.log2(float(p))) for p in peaks], dtype=np.int64)
-        scales = torch.from_numpy(np.ldexp(1.0, exps))[:, None, None]  # float64 powers of two
-        scaled = torch.from_numpy(m).double().mul_(scales)
+        # Powers of two within float32's normal range scale float32 exactly (a result below it
+        # is far below float16's smallest step anyway); beyond, in float64.
+        wide = bool(np.abs(exps).max() > 126)
+        scales = torch.from_numpy(np.ldexp(1.0, exps).astype(np.float64 if wide else np.float32))[:, None, None]
+        scaled = (torch.from_numpy(m).double() if wide else torch.from_numpy(m)) * scales
         codes = scaled.half().view(torch.int16)
         codes = torch.diff(codes, dim=2, prepend=torch.zeros(n, h, 1, dtype=torch.int16))
         codes = torch.diff(codes, dim=1, prepend=torch.zeros(n, 1, w, dtype=torch.int16))
