@@ -147,7 +147,8 @@ def category_report(
             resamples["image_auroc"] = stats.image_auroc_resamples(
                 labels_arr, scores_arr, n_resamples, np.random.default_rng(image_seed))
         if not math.isnan(metrics["pixel_auroc"]):
-            hist = stats.pixel_histograms(masks[pixel_rows], maps[pixel_rows])
+            rows = slice(None) if pixel_rows.all() else pixel_rows  # a slice does not copy the maps
+            hist = stats.pixel_histograms(masks[rows], maps[rows])
             pixel = stats.pixel_resamples(hist, n_resamples, np.random.default_rng(pixel_seed))
             resamples["pixel_auroc"], resamples["pixel_aupro"] = pixel.auroc, pixel.aupro
             intervals["max_binning_error"] = pixel.max_error
