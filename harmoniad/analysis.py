@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +80,14 @@ def _pixel_parts(masks: np.ndarray, maps: np.ndarray,
     return out
 
 
+def _pixel_bootstrap(masks: np.ndarray, maps: np.ndarray, rows: np.ndarray, n_resamples: int,
+                     rng: np.random.Generator) -> stats.PixelResamples:
+    """Binned pixel AUROC and AUPRO of ``n_resamples`` bootstrap resamples of the images with
+    pixel ground truth (``rows``)."""
+    take = slice(None) if rows.all() else rows  # a slice does not copy the maps
+    return stats.pixel_resamples(stats.pixel_histograms(masks[take], maps[take]), n_resamples, rng)
+
+
 def category_report(
     labels: Sequence[int],
     scores: Sequence[float],
@@ -114,7 +123,16 @@ def category_report(
     if with_maps and n_masked:
         subsets[None] = pixel_rows
         subsets.update({d: normal | (rows & masked) for d, rows in of_type.items() if (rows & masked).any()})
-    pixel = _pixel_parts(masks, maps, subsets) if subsets else {}
+    seq = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(int(seed))
+    image_seed, pixel_seed = seq.spawn(2)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # The pixel bootstrap in parallel with the exact pixel metrics (both numpy work that
+        # releases the GIL): a run's last category is recorded while nothing else runs, so
+        # its record time is the run's tail. Its outcome is read only where the pixel
+        # metrics are defined.
+        bootstrap = (pool.submit(_pixel_bootstrap, masks, maps, pixel_rows, n_resamples,
+                                 np.random.default_rng(pixel_seed)) if subsets and n_resamples > 0 else None)
+        pixel = _pixel_parts(masks, maps, subsets) if subsets else {}
     metrics = image_part(labels_arr, scores_arr)
     metrics.update(pixel.get(None) or {f"pixel_{k}": float("nan") for k in PIXEL_KEYS})
 
@@ -141,15 +159,11 @@ def category_report(
     resamples: dict[str, np.ndarray] = {}
     intervals: dict[str, Any] = {}
     if n_resamples > 0:
-        seq = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(int(seed))
-        image_seed, pixel_seed = seq.spawn(2)
         if not math.isnan(metrics["image_auroc"]):
             resamples["image_auroc"] = stats.image_auroc_resamples(
                 labels_arr, scores_arr, n_resamples, np.random.default_rng(image_seed))
-        if not math.isnan(metrics["pixel_auroc"]):
-            rows = slice(None) if pixel_rows.all() else pixel_rows  # a slice does not copy the maps
-            hist = stats.pixel_histograms(masks[rows], maps[rows])
-            pixel = stats.pixel_resamples(hist, n_resamples, np.random.default_rng(pixel_seed))
+        if not math.isnan(metrics["pixel_auroc"]) and bootstrap is not None:
+            pixel = bootstrap.result()
             resamples["pixel_auroc"], resamples["pixel_aupro"] = pixel.auroc, pixel.aupro
             intervals["max_binning_error"] = pixel.max_error
         for name, samples in resamples.items():
