@@ -80,8 +80,9 @@ class WindowAttention(nn.Module):
             self._indices[key] = window_indices(grid, self.window, x.device)
         gather, scatter = self._indices[key]
         windows, length = gather.shape
-        tiles = x[:, gather.reshape(-1)].reshape(b * windows, length, d)
-        qkv = self.qkv(tiles).reshape(b * windows, length, 3, self.heads, d // self.heads)
+        # q, k, v per token first, then tiled: overlapping tiles repeat tokens (a 16 x 16 grid in
+        # 7 x 7 windows is 441 tile slots for 256 tokens), the projection need not.
+        qkv = self.qkv(x)[:, gather.reshape(-1)].reshape(b * windows, length, 3, self.heads, d // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).reshape(b, windows * length, d)[:, scatter]
