@@ -15,11 +15,13 @@ chosen for that job:
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harmoniad.model.layers import DepthwiseConv, Mlp
+from harmoniad.model.layers import DepthwiseConv, Mlp, position_table
 
 
 def _window_starts(n: int, window: int) -> list[int]:
@@ -73,7 +75,8 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self._indices: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: tuple[int, int], query: torch.Tensor | None = None) -> torch.Tensor:
+        """Self-attention of ``x``; with ``query``, queries from it, keys and values from ``x``, own slot left out."""
         b, n, d = x.shape
         key = (grid[0], grid[1], str(x.device))
         if key not in self._indices:
@@ -84,7 +87,16 @@ class WindowAttention(nn.Module):
         # 7 x 7 windows is 441 tile slots for 256 tokens), the projection need not.
         qkv = self.qkv(x)[:, gather.reshape(-1)].reshape(b * windows, length, 3, self.heads, d // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v)
+        mask = None
+        if query is not None:  # queries from the query stream (the first third of qkv), own slot masked
+            tiles_q = query.expand(b, -1, -1)[:, gather.reshape(-1)].reshape(b * windows, length, d)
+            q = F.linear(tiles_q, self.qkv.weight[:d], self.qkv.bias[:d])
+            q = q.reshape(b * windows, length, self.heads, d // self.heads).transpose(1, 2)
+            mask = ~torch.eye(length, dtype=torch.bool, device=x.device)
+        if mask is None:  # the token FSAM: no mask argument at all, so a fused kernel applies
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.transpose(1, 2).reshape(b, windows * length, d)[:, scatter]
         return self.proj(out)
 
@@ -104,9 +116,14 @@ class ChannelGate(nn.Module):
 
 
 class FSAMBlock(nn.Module):
-    """``x + gate(l) * l`` with ``l = window_attn(n) + edge(n)``, then ``x + mlp(norm(x))``."""
+    """``x + gate(l) * l`` with ``l = window_attn(n) + edge(n)``, then ``x + mlp(norm(x))``.
 
-    def __init__(self, dim: int, heads: int, window: int, kernel: int, gate_reduction: int, mlp_ratio: float) -> None:
+    ``blind``: ``x`` is a query stream and ``l`` reads the (never updated) tokens instead, the
+    attention with each query's own slot masked and the edge convolution without its centre tap.
+    """
+
+    def __init__(self, dim: int, heads: int, window: int, kernel: int, gate_reduction: int, mlp_ratio: float,
+                 blind: bool = False) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, heads, window)
@@ -115,16 +132,36 @@ class FSAMBlock(nn.Module):
         self.gate = ChannelGate(dim, gate_reduction)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, mlp_ratio)
+        self.norm_q = nn.LayerNorm(dim) if blind else None
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        y = self.norm1(x)
-        local = self.attn(y, grid) + self.edge_proj(F.gelu(self.edge_conv(y, grid)))
+    def forward(self, x: torch.Tensor, grid: tuple[int, int], tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """``tokens`` given: ``x`` is a query stream that reads them, never its own position's token."""
+        if tokens is None:
+            y = self.norm1(x)
+            local = self.attn(y, grid) + self.edge_proj(F.gelu(self.edge_conv(y, grid)))
+        else:
+            y = self.norm1(tokens)
+            edge = self.edge_conv(y, grid, skip_centre=True)
+            local = self.attn(y, grid, self.norm_q(x)) + self.edge_proj(F.gelu(edge))
         x = x + self.gate(local) * local
         return x + self.mlp(self.norm2(x))
 
 
+FsamQueries = Literal["tokens", "positions"]
+
+
 class FSAM(nn.Module):
-    """A stack of ``depth`` FSAM blocks on ``(B, h*w, D)`` tokens of the high-frequency part."""
+    """A stack of ``depth`` FSAM blocks on ``(B, h*w, D)`` tokens of the high-frequency part.
+
+    ``queries="tokens"``: each block updates the tokens (a position reads its own token).
+    ``queries="positions"`` (docs/design.md#fsam): as GSCM's position queries, but local: the
+    output at a position is a query stream started from a learned position table that reads
+    its window's tokens with its own slot masked and an edge convolution without its centre
+    tap; the tokens are never updated, so no position reads its own token (except through
+    the channel gate's mean over all positions, 1/N of it). A decoder that reads its own
+    (noisy) high-band token learns to pass fine defects through; one that cannot must say
+    what the texture around it implies.
+    """
 
     def __init__(
         self,
@@ -135,15 +172,33 @@ class FSAM(nn.Module):
         kernel: int = 3,
         gate_reduction: int = 4,
         mlp_ratio: float = 2.0,
+        queries: FsamQueries = "tokens",
+        table: int = 16,
+        gain: float = 100.0,
     ) -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"FSAM depth must be >= 1, got {depth}")
+        if queries not in ("tokens", "positions"):
+            raise ValueError(f"FSAM queries must be 'tokens' or 'positions', got {queries!r}")
+        blind = queries == "positions"
+        self.blind = blind
         self.blocks = nn.ModuleList(
-            FSAMBlock(dim, heads, window, kernel, gate_reduction, mlp_ratio) for _ in range(depth)
+            FSAMBlock(dim, heads, window, kernel, gate_reduction, mlp_ratio, blind) for _ in range(depth)
         )
+        if blind:
+            # As GSCM's position queries: learned tables, stored / gain (gain times the step under Adam).
+            self.gain = gain
+            self.query_pos = nn.Parameter(0.02 * torch.randn(1, dim, table, table) / gain)
+            self.token_pos = nn.Parameter(0.02 * torch.randn(1, dim, table, table) / gain)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        if not self.blind:
+            for block in self.blocks:
+                x = block(x, grid)
+            return x
+        tokens = x + self.gain * position_table(self.token_pos, grid).to(x.dtype)
+        q = (self.gain * position_table(self.query_pos, grid).to(x.dtype)).expand(x.shape[0], -1, -1)
         for block in self.blocks:
-            x = block(x, grid)
-        return x
+            q = block(q, grid, tokens)
+        return q

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harmoniad.model.layers import DepthwiseConv, Mlp, map_to_tokens
+from harmoniad.model.layers import DepthwiseConv, Mlp, map_to_tokens, position_table
 
 
 def _window_sums(k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int],
@@ -201,20 +201,13 @@ class GSCM(nn.Module):
             self.token_pos = nn.Parameter(0.02 * torch.randn(1, dim, table, table) / gain)
             self.blocks = nn.ModuleList(QueryBlock(dim, heads, mlp_ratio, exclude) for _ in range(depth))
 
-    @staticmethod
-    def _positions(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """``(1, h*w, D)`` embeddings: the table resampled bilinearly to ``grid`` (as is when it matches)."""
-        if tuple(table.shape[-2:]) != tuple(grid):
-            table = F.interpolate(table, size=grid, mode="bilinear", align_corners=False)
-        return map_to_tokens(table)
-
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         if self.queries == "tokens":
             for block in self.blocks:
                 x = block(x, grid)
             return x
-        tokens = x + self.gain * self._positions(self.token_pos, grid).to(x.dtype)  # so a query can read its region
-        q = self.gain * self._positions(self.query_pos, grid).to(x.dtype)
+        tokens = x + self.gain * position_table(self.token_pos, grid).to(x.dtype)  # so a query can read its region
+        q = self.gain * position_table(self.query_pos, grid).to(x.dtype)
         for block in self.blocks:
             q = block(q, tokens, grid)
         return q  # B x N x D: the first block's attention gave the queries the batch dimension

@@ -62,8 +62,22 @@ class DepthwiseConv(nn.Module):
             raise ValueError(f"depthwise kernel size must be odd and >= 1, got {kernel}")
         self.conv = nn.Conv2d(dim, dim, kernel, padding=kernel // 2, groups=dim)
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        return map_to_tokens(self.conv(tokens_to_map(x, grid)))
+    def forward(self, x: torch.Tensor, grid: tuple[int, int], skip_centre: bool = False) -> torch.Tensor:
+        """``skip_centre``: the kernel's centre tap zeroed, so no output reads its own position."""
+        if not skip_centre:
+            return map_to_tokens(self.conv(tokens_to_map(x, grid)))
+        conv = self.conv
+        weight = conv.weight.clone()
+        weight[..., conv.kernel_size[0] // 2, conv.kernel_size[1] // 2] = 0
+        out = F.conv2d(tokens_to_map(x, grid), weight, conv.bias, padding=conv.padding, groups=conv.groups)
+        return map_to_tokens(out)
+
+
+def position_table(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``(1, h*w, D)`` embeddings: a ``(1, D, t, t)`` table resampled bilinearly to ``grid`` (as is when it matches)."""
+    if tuple(table.shape[-2:]) != tuple(grid):
+        table = F.interpolate(table, size=grid, mode="bilinear", align_corners=False)
+    return map_to_tokens(table)
 
 
 def sincos_positions(grid: tuple[int, int], dim: int, device: torch.device) -> torch.Tensor:

@@ -21,7 +21,8 @@ docs/design.md#method. The input is the list of frozen encoder maps ``F_l``
    are the two decoders; per-layer heads (D -> C) give ``R_high_l`` and ``R_low_l``. By
    default GSCM decodes each position from a query that knows only the position and reads
    the other tokens (``gscm_queries="positions"``): it never reads the token it rebuilds,
-   so its input is left clean (the noise of step 3 is for FSAM).
+   so its input is left clean (the noise of step 3 is for FSAM). ``fsam_queries="positions"``
+   does the same for FSAM inside its windows (an option; docs/design.md#fsam).
 
 Losses (docs/design.md#losses), each branch against its own band, weights in the config::
 
@@ -64,7 +65,7 @@ import torch
 from torch import nn
 
 from harmoniad.model.frequency import FrequencySplit
-from harmoniad.model.fsam import FSAM
+from harmoniad.model.fsam import FSAM, FsamQueries
 from harmoniad.model.gscm import GSCM, GscmQueries
 from harmoniad.model.layers import map_to_tokens, noisy_dropout, sincos_positions
 
@@ -106,6 +107,9 @@ class ModelConfig:
     fsam_window: int = 7
     fsam_kernel: int = 3
     fsam_gate_reduction: int = 4
+    # "positions": FSAM decodes each position from a learned position query that reads its window's
+    # tokens with its own token left out (attention diagonal masked, edge convolution's centre tap zeroed).
+    fsam_queries: FsamQueries = "tokens"
     # GSCM, low branch (docs/design.md#gscm).
     gscm_depth: int = 2
     gscm_heads: int = 4
@@ -142,6 +146,8 @@ class ModelConfig:
                      "fusion_references"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.fsam_queries not in ("tokens", "positions"):
+            raise ValueError(f"fsam_queries must be 'tokens' or 'positions', got {self.fsam_queries!r}")
         if self.gscm_queries not in ("tokens", "positions"):
             raise ValueError(f"gscm_queries must be 'tokens' or 'positions', got {self.gscm_queries!r}")
         if self.gscm_exclude < 0:
@@ -351,7 +357,8 @@ class HarmoniAD(nn.Module):
         self.splitter = FrequencySplit(cfg.cutoff, cfg.soft_edge, cfg.learnable_cutoff) if cfg.split else None
         self.fsam_branch = (
             Branch(FSAM(d, cfg.fsam_depth, cfg.fsam_heads, cfg.fsam_window, cfg.fsam_kernel, cfg.fsam_gate_reduction,
-                        cfg.mlp_ratio), cfg, in_dim, num_layers)
+                        cfg.mlp_ratio, cfg.fsam_queries, cfg.gscm_pos_table, cfg.gscm_pos_gain),
+                   cfg, in_dim, num_layers, noisy=cfg.fsam_queries == "tokens")
             if cfg.has_high else None
         )
         self.gscm_branch = (
