@@ -89,8 +89,7 @@ class WindowAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         mask = None
         if query is not None:  # queries from the query stream (the first third of qkv), own slot masked
-            tiles_q = query.expand(b, -1, -1)[:, gather.reshape(-1)].reshape(b * windows, length, d)
-            q = F.linear(tiles_q, self.qkv.weight[:d], self.qkv.bias[:d])
+            q = F.linear(query, self.qkv.weight[:d], self.qkv.bias[:d]).expand(b, -1, -1)[:, gather.reshape(-1)]
             q = q.reshape(b * windows, length, self.heads, d // self.heads).transpose(1, 2)
             mask = ~torch.eye(length, dtype=torch.bool, device=x.device)
         if mask is None:  # the token FSAM: no mask argument at all, so a fused kernel applies
