@@ -27,10 +27,11 @@ on CUDA, peak device memory. It must not grow with the number of images: compare
     python benchmarks/bench_end_to_end.py --quick --images 2000         # memory flat in the image count?
     python benchmarks/bench_end_to_end.py --device cuda --model ViT-L-14-336 --images 4000   # one H200
 
-Reading the ratio on a CPU: the backbone path already keeps every core busy, so the writer's
-work (exact pixel metrics and compressed map writes, ~40 ms of CPU an image at 256 px) cannot
-hide behind it; with the tiny backbone that work costs more CPU than the backbone itself and
-the ratio measures it (``score_s``/``record_s`` say where the time went). On a GPU machine the
+Reading the ratio on a CPU: the backbone path already keeps every core busy, so the heads
+(~5 ms of CPU an image with the tiny backbone, about half its forward) and the writer's work
+(exact pixel metrics, bootstrap and compressed map writes, ~9 ms of CPU an image at 256 px)
+cannot hide behind it, and the ratio measures them (``score_s``/``record_s`` say where the
+time went; docs/design.md#cost-of-the-scoring-path has the breakdown). On a GPU machine the
 writer has idle cores to itself (several writer threads there).
 
 The last line is one JSON object: images, images_per_s, backbone_images_per_s, ratio

@@ -19,7 +19,7 @@ Why this shape:
 - A run left ``running`` by a process that died is detected (pid, its start time and
   the host are recorded) and marked ``failed`` with an ``interrupted:`` error, so the
   dashboard never shows zombies.
-- Maps are stored per category in one file of per-image zlib blobs with an offset
+- Maps are stored per category in one file of per-image compressed (zstd) blobs with an offset
   table, so loading one image's maps reads only that image (three small reads). Maps
   keep float16 precision with a per-map power-of-two scale (exact, no overflow whatever
   the value range), or, with ``map_precision="uint8"``, 8 bits over each map's own range
