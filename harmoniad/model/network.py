@@ -21,8 +21,9 @@ docs/design.md#method. The input is the list of frozen encoder maps ``F_l``
    are the two decoders; per-layer heads (D -> C) give ``R_high_l`` and ``R_low_l``. By
    default GSCM decodes each position from a query that knows only the position and reads
    the other tokens (``gscm_queries="positions"``): it never reads the token it rebuilds,
-   so its input is left clean (the noise of step 3 is for FSAM). ``fsam_queries="positions"``
-   does the same for FSAM inside its windows (an option; docs/design.md#fsam).
+   so its input is left clean. FSAM does the same inside its windows (``fsam_queries=
+   "positions"``, the default; docs/design.md#fsam), so by default neither input gets the
+   noise of step 3: it is for ``fsam_queries="tokens"``, where FSAM reads its own token.
 
 Losses (docs/design.md#losses), each branch against its own band, weights in the config::
 
@@ -95,7 +96,8 @@ class ModelConfig:
     soft_edge: float = 0.0
     learnable_cutoff: bool = False
     branches: Branches = "both"
-    # Noisy bottleneck, training only (docs/design.md#branch-inputs-and-the-noisy-bottleneck).
+    # Noisy bottleneck, training only (docs/design.md#branch-inputs-and-the-noisy-bottleneck); used by
+    # fsam_queries="tokens" only (position queries never read their own token).
     feature_noise: float = 0.5
     token_dropout: float = 0.5
     bottleneck_dropout: float = 0.1
@@ -109,7 +111,7 @@ class ModelConfig:
     fsam_gate_reduction: int = 4
     # "positions": FSAM decodes each position from a learned position query that reads its window's
     # tokens with its own token left out (attention diagonal masked, edge convolution's centre tap zeroed).
-    fsam_queries: FsamQueries = "tokens"
+    fsam_queries: FsamQueries = "positions"
     # GSCM, low branch (docs/design.md#gscm).
     gscm_depth: int = 2
     gscm_heads: int = 4

@@ -148,6 +148,9 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
         raise CheckpointError(f"{config_path}: missing; not a finished HarmoniAD checkpoint directory") from exc
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nesting bomb
         raise CheckpointError(f"{config_path}: not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from exc
+    if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
+        # Checkpoints written before FSAM's position queries became the default decoded from tokens.
+        raw["model"].setdefault("fsam_queries", "tokens")
     info = from_dict(CheckpointInfo, raw, where=str(config_path))
     if info.format != CHECKPOINT_FORMAT:
         raise ConfigError(f"{config_path}: format is {info.format!r}, expected {CHECKPOINT_FORMAT!r}")

@@ -76,8 +76,9 @@ def test_position_tables_are_resampled_to_any_grid(grid: tuple[int, int]) -> Non
 
 
 def test_position_queries_get_no_bottleneck_noise_fsam_does() -> None:
-    """In training the low branch's output does not depend on the noise draw (no copy path to break); FSAM's does."""
-    model = HarmoniAD(ModelConfig(**SMALL, bottleneck_dropout=0.2), 8, 2).train()
+    """In training the low branch's output does not depend on the noise draw (no copy path to break); that of
+    FSAM with token queries (which reads its own token) does."""
+    model = HarmoniAD(ModelConfig(**SMALL, fsam_queries="tokens", bottleneck_dropout=0.2), 8, 2).train()
     feats = [torch.randn(2, 8, 6, 7) for _ in range(2)]
     a = model(feats, torch.Generator().manual_seed(0))
     b = model(feats, torch.Generator().manual_seed(1))

@@ -232,6 +232,25 @@ def test_a_checkpoint_from_before_the_reference_fusion_loads_and_keeps_its_fusio
         load_checkpoint(directory)
 
 
+def test_a_checkpoint_from_before_fsam_position_queries_loads_as_token_queries(tmp_path: Path) -> None:
+    """A config written before ``fsam_queries`` existed (FSAM then read its own token) loads as
+    ``fsam_queries="tokens"`` and scores exactly as saved, whatever today's default is."""
+    from dataclasses import replace
+
+    cfg = replace(MODEL, fsam_queries="tokens")
+    model = build_model(cfg, 16, 2, seed=0).eval()
+    info = CheckpointInfo("harmoniad-checkpoint", 1, "test", cfg, None, TrainConfig(), 16, 2, (6, 6))
+    save_checkpoint(tmp_path / "old", model, info, {})
+    config = json.loads((tmp_path / "old" / CONFIG_FILE).read_text())
+    del config["model"]["fsam_queries"]
+    (tmp_path / "old" / CONFIG_FILE).write_text(json.dumps(config))
+    loaded, loaded_info = load_checkpoint(tmp_path / "old")
+    assert loaded_info.model.fsam_queries == "tokens"
+    feats = [torch.randn(2, 16, 6, 6, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.maps(feats).high, model.maps(feats).high)
+
+
 def test_missing_files_are_named(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="config.json"):
         read_checkpoint_info(tmp_path)
@@ -319,7 +338,9 @@ def test_trained_model_finds_defects_the_untrained_one_misses(trained_on_one_cat
     """Defects with normal channel statistics: 2 x 2 patches of another category's tokens, rescaled to
     the normal mean and std per channel, pasted into held-out normal images. Only the correlations
     between channels give them away, which a model has to learn; the same model untrained (same
-    initial weights, normalisation and fusion statistics, zero steps) ranks them far worse."""
+    initial weights, normalisation and fusion statistics, zero steps) ranks them far worse. (FSAM's
+    position queries rebuild a token from its window without reading it, and the other three tokens
+    of a 2 x 2 patch are in that window: trained pixel AUROC ~0.85 here, ~0.98 with token queries.)"""
     from harmoniad.metrics import pixel_metrics
 
     normal, foreign = _category(8, images_seed=3), _category(8, images_seed=3, category_seed=2)
@@ -340,4 +361,4 @@ def test_trained_model_finds_defects_the_untrained_one_misses(trained_on_one_cat
     with torch.no_grad():
         trained_auroc = pixel_metrics(masks, trained_on_one_category.maps(defective).anomaly.numpy())["auroc"]
         untrained_auroc = pixel_metrics(masks, untrained.maps(defective).anomaly.numpy())["auroc"]
-    assert trained_auroc > 0.9 and trained_auroc > untrained_auroc + 0.15, (trained_auroc, untrained_auroc)
+    assert trained_auroc > 0.8 and trained_auroc > untrained_auroc + 0.15, (trained_auroc, untrained_auroc)
