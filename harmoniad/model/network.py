@@ -32,8 +32,10 @@ Losses (docs/design.md#losses), each branch against its own band, weights in the
 with ``D`` the per-position distance ``distance`` (:func:`position_distance`): ``"mse"``,
 the mean over channels of the squared error of normalised features (every channel has unit
 variance, so none dominates); ``"group_cos"``, ``1 - cos`` averaged over ``cos_groups``
-channel groups (Dinomaly's loose cosine); with ``hard_mining_fraction < 1`` only the hardest
-fraction of positions per layer enters the mean (hard-point mining).
+channel groups (Dinomaly's loose cosine). Only the hardest ``hard_mining_fraction`` (0.25) of
+the positions of each layer in a batch enter the mean (hard-point mining): the easy normal
+positions stop pulling the decoders, which then fit the hard ones (edges, texture) and leave
+fewer false alarms there.
 
 Maps (docs/design.md#anomaly-and-branch-maps), at grid resolution, averaged over layers::
 
@@ -127,7 +129,8 @@ class ModelConfig:
     # Loss and maps (docs/design.md#losses, docs/design.md#anomaly-and-branch-maps).
     distance: Distance = "mse"
     cos_groups: int = 4
-    hard_mining_fraction: float = 1.0
+    # Only the hardest quarter of positions per layer enters the loss (docs/design.md#losses).
+    hard_mining_fraction: float = 0.25
     high_loss_weight: float = 1.0
     low_loss_weight: float = 1.0
     fusion: Fusion = "reference"

@@ -27,9 +27,11 @@ from tests.paths import REPO as _REPO
 
 REPO = _REPO
 CATEGORIES = ("weave", "flange")
-# Training noise off, so the 2-rank run must match the 1-rank run to float tolerance (with dropout
-# on, each rank draws its own masks: the runs then agree statistically, not bitwise).
-MODEL = {"feature_noise": 0.0, "token_dropout": 0.0, "bottleneck_dropout": 0.0, "hidden_dim": 32}
+# Training noise and hard-point mining off, so the 2-rank run must match the 1-rank run to float
+# tolerance (with dropout on, each rank draws its own masks; with mining, each rank keeps the hardest
+# positions of its own slice: the runs then agree statistically, not bitwise).
+MODEL = {"feature_noise": 0.0, "token_dropout": 0.0, "bottleneck_dropout": 0.0, "hard_mining_fraction": 1.0,
+         "hidden_dim": 32}
 # 12 training images in batches of 5: global batches of 5, 5, 2 -> uneven rank slices (3/2, 1/1).
 TRAIN = {"max_steps": 6, "batch_size": 5, "lr": 3e-3, "checkpoint_every": 3, "seed": 0}
 

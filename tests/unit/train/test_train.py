@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from harmoniad.runtime.serialization import ConfigError
 from harmoniad.model import HarmoniAD, ModelConfig
+from harmoniad.model.network import band_loss
 from harmoniad.runtime.progress import Cancelled, ProgressEvent
 from harmoniad.train import CONFIG_FILE, MODEL_FILE, STATE_FILE, CheckpointError, CheckpointInfo, TrainConfig, build_model, load_checkpoint, read_checkpoint_info, save_checkpoint, train
 from harmoniad.backbone.sources import TensorSource
@@ -38,9 +39,11 @@ def _structured_feats(n: int = 12, c: int = 16, grid: tuple[int, int] = (6, 6), 
 
 
 def _eval_loss(model: HarmoniAD, feats: list[torch.Tensor]) -> float:
+    """Both branches' error over every position (the training loss keeps only the hardest quarter)."""
     with torch.no_grad():
-        losses = model.eval().loss(model(feats))
-    return losses.high + losses.low
+        out = model.eval()(feats)
+    return sum(float(band_loss(getattr(out, f"recon_{b}"), getattr(out, f"target_{b}"), "mse", 1, 1.0))
+               for b in ("high", "low"))
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor() -> None:
@@ -64,7 +67,9 @@ def test_training_lowers_the_loss_and_reports_progress(tmp_path: Path) -> None:
     out = train(TensorSource(feats), None, MODEL, cfg, tmp_path / "run", progress=events.append)
     model, info = load_checkpoint(out)
     after = _eval_loss(model, feats)
-    assert after < 0.5 * before, (before, after)
+    # Measured: 0.54 of the untrained error with the default hard-point mining (0.50 without); a model
+    # that does not learn stays near 1.
+    assert after < 0.6 * before, (before, after)
     assert events[-1].done == events[-1].total == 40 and "loss" in events[-1].info
     assert info.result["steps"] == 40 and info.in_dim == 16 and info.grid == (6, 6) and info.backbone is None
     assert not (out / STATE_FILE).exists()
