@@ -42,7 +42,8 @@ def _eval_loss(model: HarmoniAD, feats: list[torch.Tensor]) -> float:
     """Both branches' error over every position (the training loss keeps only the hardest quarter)."""
     with torch.no_grad():
         out = model.eval()(feats)
-    return sum(float(band_loss(getattr(out, f"recon_{b}"), getattr(out, f"target_{b}"), "mse", 1, 1.0))
+    cfg = model.cfg
+    return sum(float(band_loss(getattr(out, f"recon_{b}"), getattr(out, f"target_{b}"), cfg.distance, cfg.cos_groups, 1.0))
                for b in ("high", "low"))
 
 
