@@ -12,7 +12,7 @@ from tests.paths import REPO
 
 def test_quick_benchmark_on_a_handful_of_images_reports_every_figure(tmp_path):
     cmd = [sys.executable, str(REPO / "benchmarks" / "bench_end_to_end.py"), "--quick", "--images", "12",
-           "--per-category", "5", "--image-size", "64", "--device", "cpu", "--threads", "1",
+           "--per-category", "5", "--image-size", "64", "--device", "cpu", "--threads", "1", "--repeats", "1",
            "--data", str(tmp_path)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
