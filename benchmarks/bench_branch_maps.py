@@ -122,9 +122,11 @@ def main() -> None:
                 per_defect.setdefault(defect, {})[c] = {
                     k: _auroc(masks[c][keep], None if m is None else m[keep]) for k, m in maps.items()
                 }
-        results[name] = {"config": fields, "train_wall_s": round(wall, 1), "per_category": per_cat,
-                         "per_kind": per_kind, "per_defect": per_defect}
-        print(f"[{name}] trained + scored in {wall:.0f} s", flush=True)
+        results[name] = {"config": fields, "train_wall_s": round(wall, 1), "fusion_mix": list(model.mix),
+                         "score_mix": list(model.score_mix),
+                         "per_category": per_cat, "per_kind": per_kind, "per_defect": per_defect}
+        print(f"[{name}] trained + scored in {wall:.0f} s; weights of (z_high, z_joint, z_low): anomaly map "
+              f"{model.mix}, image score {model.score_mix}", flush=True)
 
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

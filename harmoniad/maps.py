@@ -167,16 +167,18 @@ def finalize_maps(grid: GridMaps, cfg: ScoreConfig = ScoreConfig()) -> FinalMaps
     """Grid-resolution maps -> final maps at ``cfg.resolution`` and image scores.
 
     Bilinear upsampling then Gaussian smoothing (:func:`resize_and_blur`); the image score
-    is taken from the final anomaly map. All maps that exist are processed in one batch.
+    is taken from the final anomaly map, or from ``grid.score`` processed the same way when
+    the model gives one. All maps that exist are processed in one batch.
     """
-    parts = [m for m in (grid.anomaly, grid.high, grid.low) if m is not None]
+    parts = [m for m in (grid.anomaly, grid.high, grid.low, grid.score) if m is not None]
     b = grid.anomaly.shape[0]
     final = resize_and_blur(torch.cat(parts), cfg.resolution, cfg.sigma)
     chunks = iter(final.split(b))
     anomaly = next(chunks)
     high = next(chunks) if grid.high is not None else None
     low = next(chunks) if grid.low is not None else None
-    return FinalMaps(image_scores(anomaly, cfg.image_score, cfg.top_fraction), anomaly, high, low)
+    scored = next(chunks) if grid.score is not None else anomaly
+    return FinalMaps(image_scores(scored, cfg.image_score, cfg.top_fraction), anomaly, high, low)
 
 
 class HostPrediction:

@@ -41,7 +41,7 @@ Maps (docs/design.md#anomaly-and-branch-maps), at grid resolution, averaged over
 
     high map   M_h = mean_l D(R_high_l, X_high_l)        low map  M_l = mean_l D(R_low_l, X_low_l)
     joint map  M_j = mean_l 1 - cos(R_high_l + R_low_l, X_l)
-    anomaly    A   = w z_h + (1 - w) z_j,   z = (M - mean_{i in kNN} m_i) / mean_{i in kNN} (Q_i - m_i)
+    anomaly    A   = a z_h + b z_j + c z_l,   z = (M - mean_{i in kNN} m_i) / mean_{i in kNN} (Q_i - m_i)
 
 ``fusion="reference"`` (default): ``m_i`` and ``Q_i`` are the median and ``fusion_quantile``
 quantile of the map of training normal ``i``, and ``kNN`` the ``fusion_neighbours`` training
@@ -52,6 +52,12 @@ label). The pooled fusions (``"joint"``, ``"mean"``, ``"max"``) use one median `
 quantile ``Q`` over all training positions, ``z = (M - m) / (Q - m)``; ``"mean"`` uses ``z_l``
 instead of ``z_j``, ``"max"`` is ``max(z_h, z_l)``. ``w = fusion_high_weight``.
 
+The weights ``(a, b, c)`` (``"reference"`` and ``"joint"``): ``fusion_weights="fixed"`` is
+``(w, 1 - w, 0)``; ``"learned"`` (default) chooses them after calibration on pseudo-defects
+pasted into training normals (:mod:`harmoniad.train.fusion`; buffer ``fusion_mix``), and a
+second set for the map the image score is taken from (``fusion_score_mix``; ``GridMaps.score``
+when it differs).
+
 Ablations are config values: ``split=False`` feeds both branches the whole normalised
 features and makes both reconstruct them; ``branches="high"`` / ``"low"`` keeps one branch,
 whose standardised map is then the anomaly map.
@@ -60,7 +66,7 @@ whose standardised map is then the anomaly map.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -75,6 +81,7 @@ from harmoniad.model.layers import map_to_tokens, noisy_dropout, sincos_position
 Branches = Literal["both", "high", "low"]
 Distance = Literal["mse", "group_cos"]
 Fusion = Literal["reference", "joint", "mean", "max"]
+FusionWeights = Literal["fixed", "learned"]
 FusionLocation = Literal["references", "image"]
 BANDS = ("high", "low")
 MAPS = ("high", "low", "joint")  # the maps the fusion standardises
@@ -142,13 +149,20 @@ class ModelConfig:
     fusion_references: int = 512
     # Where z = 0: the references' mean median ("references") or the image's own median ("image").
     fusion_location: FusionLocation = "references"
+    # fusion="reference"/"joint": the weights of z_high, z_joint and z_low, for the anomaly map and for
+    # the image score. "fixed": (w, 1 - w, 0) with w = fusion_high_weight; "learned": chosen after
+    # training on pseudo-defects pasted into training normals (harmoniad.train.fusion), each kept at
+    # the fixed ones unless another scores ``fusion_margin`` better.
+    fusion_weights: FusionWeights = "learned"
+    fusion_pseudo_images: int = 128
+    fusion_margin: float = 0.01
 
     def __post_init__(self) -> None:
         if self.branches not in ("both", "high", "low"):
             raise ValueError(f"branches must be 'both', 'high' or 'low', got {self.branches!r}")
         for name in ("hidden_dim", "fsam_depth", "fsam_heads", "fsam_window", "fsam_kernel", "gscm_depth",
                      "gscm_heads", "fsam_gate_reduction", "cos_groups", "gscm_pos_table", "fusion_neighbours",
-                     "fusion_references"):
+                     "fusion_references", "fusion_pseudo_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.fsam_queries not in ("tokens", "positions"):
@@ -165,6 +179,10 @@ class ModelConfig:
             raise ValueError(f"fusion_location must be 'references' or 'image', got {self.fusion_location!r}")
         if self.fusion not in ("reference", "joint", "mean", "max"):
             raise ValueError(f"fusion must be 'reference', 'joint', 'mean' or 'max', got {self.fusion!r}")
+        if self.fusion_weights not in ("fixed", "learned"):
+            raise ValueError(f"fusion_weights must be 'fixed' or 'learned', got {self.fusion_weights!r}")
+        if self.fusion_margin < 0:
+            raise ValueError(f"fusion_margin must be >= 0, got {self.fusion_margin}")
         for name in ("token_dropout", "bottleneck_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -191,6 +209,17 @@ class ModelConfig:
     def has_low(self) -> bool:
         return self.branches in ("both", "low")
 
+    @property
+    def mixes_maps(self) -> bool:
+        """Whether the anomaly map is a weighted sum of z_high, z_joint and z_low (both branches, a linear fusion)."""
+        return self.branches == "both" and self.fusion in ("reference", "joint")
+
+    @property
+    def fixed_mix(self) -> tuple[float, float, float]:
+        """The fixed fusion's weights of (z_high, z_joint, z_low)."""
+        w = self.fusion_high_weight
+        return (w, 1.0 - w, 0.0)
+
 
 @dataclass
 class ModelOutput:
@@ -216,6 +245,8 @@ class GridMaps:
     anomaly: torch.Tensor
     high: torch.Tensor | None
     low: torch.Tensor | None
+    #: The map the image score is taken from when it is not ``anomaly`` (its own fusion weights).
+    score: torch.Tensor | None = None
 
 
 @dataclass
@@ -382,6 +413,11 @@ class HarmoniAD(nn.Module):
             self.register_buffer("ref_desc", torch.zeros(cfg.fusion_references, len(MAPS)))
             self.register_buffer("ref_scale", torch.ones(cfg.fusion_references, len(MAPS)))
             self.register_buffer("ref_count", torch.zeros((), dtype=torch.long))
+        if cfg.mixes_maps and cfg.fusion_weights == "learned":
+            # Weights of (z_high, z_joint, z_low) in the anomaly map and in the map the image score is
+            # taken from; the fixed ones until ``harmoniad.train.fusion`` learns them.
+            self.register_buffer("fusion_mix", torch.tensor(cfg.fixed_mix))
+            self.register_buffer("fusion_score_mix", torch.tensor(cfg.fixed_mix))
 
     @property
     def fsam(self) -> nn.Module | None:
@@ -469,24 +505,47 @@ class HarmoniAD(nn.Module):
             maps["joint"] = joint.reshape(-1, *out.grid)
         return maps
 
-    def fuse(self, maps: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The anomaly map from the maps standardised by the training normals' statistics.
+    def standardise(self, maps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each map as ``z``, standardised by the training normals' statistics.
 
         ``fusion="reference"`` standardises each map of an image against the training images
         that resemble it (:meth:`reference_z`); the other fusions use the pooled statistics.
         Before :meth:`calibrate` a reference model falls back to the pooled ones.
         """
         if self.cfg.fusion == "reference" and int(self.ref_count) > 0:
-            z = self.reference_z(maps)
-        else:
-            z = {name: (maps[name] - self.map_mean[i]) / self.map_std[i] for i, name in enumerate(MAPS) if name in maps}
+            return self.reference_z(maps)
+        return {name: (maps[name] - self.map_mean[i]) / self.map_std[i] for i, name in enumerate(MAPS) if name in maps}
+
+    @property
+    def mix(self) -> tuple[float, float, float]:
+        """The weights of (z_high, z_joint, z_low) in the anomaly map: learned, or the fixed ones."""
+        return self._weights("fusion_mix")
+
+    @property
+    def score_mix(self) -> tuple[float, float, float]:
+        """The weights of (z_high, z_joint, z_low) in the map the image score is taken from."""
+        return self._weights("fusion_score_mix")
+
+    def _weights(self, buffer: str) -> tuple[float, float, float]:
+        learned = getattr(self, buffer, None)
+        if learned is None:
+            return self.cfg.fixed_mix
+        high, joint, low = (round(float(v), 6) for v in learned)  # float32 buffer: 0.45 back as 0.45
+        return high, joint, low
+
+    def fuse(self, maps: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The anomaly map from the raw maps: :meth:`standardise`, then :meth:`fuse_z`."""
+        return self.fuse_z(self.standardise(maps))
+
+    def fuse_z(self, z: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The anomaly map from the standardised maps, by ``cfg.fusion``."""
         if "joint" not in z:  # one branch: its own map
             return next(iter(z.values()))
-        w = self.cfg.fusion_high_weight
         if self.cfg.fusion in ("joint", "reference"):
-            return w * z["high"] + (1.0 - w) * z["joint"]
+            return mix_maps(z, self.mix)
         if self.cfg.fusion == "max":
             return torch.maximum(z["high"], z["low"])
+        w = self.cfg.fusion_high_weight
         return w * z["high"] + (1.0 - w) * z["low"]
 
     def reference_z(self, maps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -519,9 +578,17 @@ class HarmoniAD(nn.Module):
                 for j, name in enumerate(names)}
 
     def output_maps(self, out: ModelOutput) -> GridMaps:
-        """Grid-resolution maps: branch distances to their bands and their fusion."""
+        """Grid-resolution maps: branch distances to their bands and their fusion.
+
+        With learned weights the image score may come from the same maps fused with weights
+        of its own (``score``; docs/design.md#fusion-weights).
+        """
         maps = self.branch_maps(out)
-        return GridMaps(anomaly=self.fuse(maps), high=maps.get("high"), low=maps.get("low"))
+        z = self.standardise(maps)
+        score = None
+        if self.cfg.mixes_maps and self.score_mix != self.mix:
+            score = mix_maps(z, self.score_mix)
+        return GridMaps(anomaly=self.fuse_z(z), high=maps.get("high"), low=maps.get("low"), score=score)
 
     def maps(self, feats: list[torch.Tensor]) -> GridMaps:
         """``forward`` then ``output_maps``; call under ``eval()`` and ``torch.inference_mode()`` to score."""
@@ -587,6 +654,16 @@ class HarmoniAD(nn.Module):
             self.ref_desc[: len(keep), i] = st[keep, 0].clamp_min(1e-12).log().to(self.ref_desc.device)
             self.ref_scale[: len(keep), i] = st[keep, 1].to(self.ref_scale.device)
         self.ref_count.fill_(len(keep))
+
+
+def mix_maps(z: dict[str, torch.Tensor], mix: Sequence[float]) -> torch.Tensor:
+    """``a z_high + b z_joint + c z_low`` for ``mix = (a, b, c)``; a zero weight skips its map."""
+    total = None
+    for name, weight in zip(("high", "joint", "low"), mix):
+        if weight:
+            term = weight * z[name]
+            total = term if total is None else total + term
+    return total if total is not None else torch.zeros_like(z["high"])
 
 
 def parameter_counts(model: HarmoniAD) -> dict[str, int]:

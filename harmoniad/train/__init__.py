@@ -1,4 +1,5 @@
-"""Training HarmoniAD: settings (:mod:`.config`), the loop (:mod:`.loop`), checkpoints (:mod:`.checkpoint`)."""
+"""Training HarmoniAD: settings (:mod:`.config`), the loop (:mod:`.loop`), checkpoints (:mod:`.checkpoint`),
+fusion weights learned on pseudo-defects after training (:mod:`.fusion`)."""
 
 from harmoniad.train.checkpoint import (
     CONFIG_FILE,

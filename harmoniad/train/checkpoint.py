@@ -151,6 +151,8 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
     if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
         # Checkpoints written before FSAM's position queries became the default decoded from tokens.
         raw["model"].setdefault("fsam_queries", "tokens")
+        # Checkpoints written before the learned fusion weights used the fixed ones.
+        raw["model"].setdefault("fusion_weights", "fixed")
     info = from_dict(CheckpointInfo, raw, where=str(config_path))
     if info.format != CHECKPOINT_FORMAT:
         raise ConfigError(f"{config_path}: format is {info.format!r}, expected {CHECKPOINT_FORMAT!r}")

@@ -46,6 +46,7 @@ from harmoniad.train.checkpoint import (
     save_state,
 )
 from harmoniad.train.config import TrainConfig
+from harmoniad.train.fusion import learn_fusion
 
 
 def _derived_seed(seed: int, stream: str, index: int) -> int:
@@ -212,6 +213,10 @@ def train(
               "device": str(dev), "world_size": distributed.world_size()}
     if main:
         model.calibrate(_batches(source, train_cfg.batch_size, dev))  # the fusion's statistics of normal maps
+        choice = learn_fusion(model, source, batch_size=train_cfg.batch_size, device=dev,
+                              seed=_derived_seed(train_cfg.seed, "fusion", 0))
+        if choice is not None:
+            result["fusion"] = choice.to_dict()
         save_checkpoint(out, model, info, result)
         (out / STATE_FILE).unlink(missing_ok=True)
     distributed.barrier()  # the other ranks return once the checkpoint is there to load

@@ -38,8 +38,9 @@ def test_next_batch_is_loaded_ahead_on_the_loader_thread_in_the_same_order(tmp_p
     probe, *rest = source.calls
     steps = [call for call in rest if call[1].startswith("harmoniad-train-loader")]
     passes = [indices for indices, name, _ in rest if not name.startswith("harmoniad-train-loader")]
-    # Besides the steps: one ordered pass for the target normalisation before, one for the fusion after.
-    assert passes == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]] * 2
+    # Besides the steps, ordered passes: the target normalisation before; after, the fusion's
+    # statistics and its weights' pseudo-defects (all 10 images: fewer than fusion_pseudo_images).
+    assert passes == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]] * 3
     assert probe[0] == [0] and len(steps) == 7  # one load per step, none past the last one
     expected = []
     for step in range(7):  # what a step-by-step loop would load: epochs of 10 in batches of 4, 4, 2
