@@ -90,7 +90,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     sizes = {} if args.hidden_dim is None else {"hidden_dim": args.hidden_dim}
     if args.cutoff is not None:
         sizes["cutoff"] = args.cutoff
-    model_cfg = ModelConfig(split=not args.no_split, branches=args.branches, **sizes)
+    model_cfg = ModelConfig(split=not args.no_split, branches=args.branches, fusion_weights=args.fusion_weights,
+                            **sizes)
     train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                             checkpoint_every=args.checkpoint_every)
     out = args.out or cache_dir() / "checkpoints" / f"{args.dataset}-{args.model}"
@@ -103,7 +104,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         for skipped in screen.skipped(samples):
             print(f"skipped: {skipped.reason}", file=sys.stderr)
         print(f"checkpoint: {path}")
+        print(_fusion_summary(path))
     return 0
+
+
+def _fusion_summary(checkpoint: Path) -> str:
+    """One line: the fusion weights a checkpoint scores with, and whether training learned them."""
+    from harmoniad.train import load_checkpoint
+
+    model, _ = load_checkpoint(checkpoint)
+    if not model.cfg.mixes_maps:
+        return "fusion: one branch (its own map)" if model.cfg.branches != "both" else f"fusion: {model.cfg.fusion}"
+    how = "learned on pseudo-defects" if model.cfg.fusion_weights == "learned" else "fixed"
+    return (f"fusion weights of (z_high, z_joint, z_low), {how}: anomaly map {model.mix}, "
+            f"image score {model.score_mix}")
 
 
 def _score_threshold(args: argparse.Namespace, score_settings: dict) -> tuple[float | None, str]:
@@ -383,6 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-split", action="store_true", help="ablation: no frequency split")
     p.add_argument("--branches", choices=["both", "high", "low"], default="both")
+    p.add_argument("--fusion-weights", choices=["learned", "fixed"], default="learned",
+                   help="weights of the branch maps in the anomaly map and image score: learned after training on "
+                        "pseudo-defects in the training normals (kept fixed unless clearly better), or fixed "
+                        "(docs/design.md#fusion-weights)")
     p.add_argument("--cutoff", type=float, default=None,
                    help="low-pass radius as a fraction of Nyquist (default: ModelConfig's)")
     p.add_argument("--hidden-dim", type=int, default=None, help="width of the heads (default: ModelConfig's)")
