@@ -20,7 +20,6 @@ documented weights stay.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from itertools import product
@@ -32,6 +31,7 @@ from harmoniad.backbone.sources import FeatureSource
 from harmoniad.maps import image_scores
 from harmoniad.model import HarmoniAD
 from harmoniad.model.network import mix_maps
+from harmoniad.runtime.progress import Progress, ProgressFn
 
 Mix = tuple[float, float, float]
 STEP = 10  # the simplex grid's resolution: weights in tenths
@@ -43,8 +43,8 @@ class WeightChoice:
 
     mix: Mix  # weights of (z_high, z_joint, z_low)
     learned: bool  # False: the fixed weights were kept
-    value: float
-    fixed_value: float
+    value: float | None  # None: not measured (see FusionChoice.note)
+    fixed_value: float | None
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class FusionChoice:
         return asdict(self)
 
 
-def candidate_mixes() -> list[tuple[float, float, float]]:
+def candidate_mixes() -> list[Mix]:
     """Every ``(a, b, c)`` with ``a + b + c = 1`` in steps of 0.1."""
     return [(a / STEP, b / STEP, (STEP - a - b) / STEP) for a, b in product(range(STEP + 1), repeat=2) if a + b <= STEP]
 
@@ -133,7 +133,7 @@ def choose_mix(criterion: Callable[[Mix], float], fixed: Mix, margin: float) -> 
 
 @torch.no_grad()
 def learn_fusion(model: HarmoniAD, source: FeatureSource, *, batch_size: int, device: torch.device,
-                 seed: int) -> FusionChoice | None:
+                 seed: int, progress: ProgressFn | None = None) -> FusionChoice | None:
     """Choose ``model``'s fusion weights on pseudo-defects in training normals; None when it has none to learn.
 
     Call after :meth:`HarmoniAD.calibrate` (the maps are standardised as at test time). Uses
@@ -146,6 +146,7 @@ def learn_fusion(model: HarmoniAD, source: FeatureSource, *, batch_size: int, de
     n = len(source)
     picks = torch.linspace(0, n - 1, min(n, cfg.fusion_pseudo_images)).round().long().unique().tolist()
     generator = torch.Generator().manual_seed(seed)
+    meter = Progress("fusion weights", len(picks), progress)
     was_training = model.training
     model.eval()
     pasted_z: list[dict[str, torch.Tensor]] = []
@@ -162,13 +163,14 @@ def learn_fusion(model: HarmoniAD, source: FeatureSource, *, batch_size: int, de
         pasted_z.append(z_of(pasted))
         clean_z.append(z_of(feats))
         masks.append(mask)
+        meter.update(len(mask))
     model.train(was_training)
     z_pasted = {k: torch.cat([part[k] for part in pasted_z]) for k in pasted_z[0]}
     z_clean = {k: torch.cat([part[k] for part in clean_z]) for k in clean_z[0]}
     fixed = cfg.fixed_mix
     mask = torch.cat(masks).numpy()
     if mask.all():
-        kept = WeightChoice(fixed, False, math.nan, math.nan)
+        kept = WeightChoice(fixed, False, None, None)
         choice = FusionChoice(kept, kept, len(picks), cfg.fusion_margin,
                               note=f"the {mask.shape[1]} x {mask.shape[2]} grid leaves no normal position around a paste")
     else:

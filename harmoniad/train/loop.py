@@ -213,8 +213,12 @@ def train(
               "device": str(dev), "world_size": distributed.world_size()}
     if main:
         model.calibrate(_batches(source, train_cfg.batch_size, dev))  # the fusion's statistics of normal maps
-        choice = learn_fusion(model, source, batch_size=train_cfg.batch_size, device=dev,
-                              seed=_derived_seed(train_cfg.seed, "fusion", 0))
+        try:
+            choice = learn_fusion(model, source, batch_size=train_cfg.batch_size, device=dev,
+                                  seed=_derived_seed(train_cfg.seed, "fusion", 0), progress=progress)
+        except Cancelled:  # keep the trained weights: a resumed run only redoes the steps after training
+            save_state(out / STATE_FILE, model, optimizer, step, identity)
+            raise
         if choice is not None:
             result["fusion"] = choice.to_dict()
         save_checkpoint(out, model, info, result)

@@ -71,7 +71,10 @@ def test_training_lowers_the_loss_and_reports_progress(tmp_path: Path) -> None:
     # Measured: 0.54 of the untrained error with the default hard-point mining (0.50 without); a model
     # that does not learn stays near 1.
     assert after < 0.6 * before, (before, after)
-    assert events[-1].done == events[-1].total == 40 and "loss" in events[-1].info
+    steps = [e for e in events if e.task == "train"]
+    assert steps[-1].done == steps[-1].total == 40 and "loss" in steps[-1].info
+    # then the fusion weights, over all 12 images (fewer than fusion_pseudo_images)
+    assert events[-1].task == "fusion weights" and events[-1].done == events[-1].total == 12
     assert info.result["steps"] == 40 and info.in_dim == 16 and info.grid == (6, 6) and info.backbone is None
     assert not (out / STATE_FILE).exists()
 
@@ -138,6 +141,25 @@ def test_cancel_saves_the_state_and_resume_finishes_identically(tmp_path: Path) 
     assert steps_seen[0] == 2  # the first report (step 1) cancelled; its state was saved
     a, b = load_file(str(tmp_path / "a" / MODEL_FILE)), load_file(str(tmp_path / "b" / MODEL_FILE))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_cancel_while_learning_the_fusion_keeps_the_trained_weights(tmp_path: Path) -> None:
+    feats = _structured_feats(n=10)
+    cfg = TrainConfig(max_steps=5, batch_size=4, checkpoint_every=100, lr=3e-3)
+    train(TensorSource(feats), None, MODEL, cfg, tmp_path / "a")
+
+    def cancel_fusion(event: ProgressEvent) -> None:
+        if event.task == "fusion weights":
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        train(TensorSource(feats), None, MODEL, cfg, tmp_path / "b", progress=cancel_fusion)
+    assert (tmp_path / "b" / STATE_FILE).is_file() and not (tmp_path / "b" / CONFIG_FILE).exists()
+    seen: list[ProgressEvent] = []
+    train(TensorSource(feats), None, MODEL, cfg, tmp_path / "b", progress=seen.append)
+    assert not [e for e in seen if e.task == "train" and e.done < 5]  # no training step redone
+    a, b = load_file(str(tmp_path / "a" / MODEL_FILE)), load_file(str(tmp_path / "b" / MODEL_FILE))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _cancelled_with_a_state(out: Path) -> tuple[list[torch.Tensor], TrainConfig]:
