@@ -115,9 +115,13 @@ def _fusion_summary(checkpoint: Path) -> str:
     model, _ = load_checkpoint(checkpoint)
     if not model.cfg.mixes_maps:
         return "fusion: one branch (its own map)" if model.cfg.branches != "both" else f"fusion: {model.cfg.fusion}"
-    how = "learned on pseudo-defects" if model.cfg.fusion_weights == "learned" else "fixed"
-    return (f"fusion weights of (z_high, z_joint, z_low), {how}: anomaly map {model.mix}, "
-            f"image score {model.score_mix}")
+    return _fusion_line(model.mix, model.score_mix, model.cfg.fusion_weights == "learned")
+
+
+def _fusion_line(mix: Sequence[float], score_mix: Sequence[float], learned: bool) -> str:
+    how = "learned on pseudo-defects" if learned else "fixed"
+    return (f"fusion weights of (z_high, z_joint, z_low), {how}: anomaly map {tuple(mix)}, "
+            f"image score {tuple(score_mix)}")
 
 
 def _score_threshold(args: argparse.Namespace, score_settings: dict) -> tuple[float | None, str]:
@@ -353,6 +357,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
         print(f"{info.id}: {info.method} on {info.dataset} ({info.root}), {info.status}")
         if info.error:
             print(f"error: {info.error}")
+        fusion = (store.load_run_details(info.id).get("fitted") or {}).get("fusion")
+        if fusion:
+            print(_fusion_line(fusion["map"], fusion["score"], fusion["learning"] is not None))
         _print_metrics(store, info.id)
     elif args.action == "export":
         args.out.mkdir(parents=True, exist_ok=True)

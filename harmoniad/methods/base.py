@@ -69,3 +69,7 @@ class Method(ABC):
     def config(self) -> dict[str, Any]:
         """JSON-safe settings recorded with every run."""
         return {}
+
+    def fitted(self) -> dict[str, Any]:
+        """JSON-safe facts learned by :meth:`fit` that a user should see with the run (empty: none)."""
+        return {}

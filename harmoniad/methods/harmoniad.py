@@ -210,6 +210,18 @@ class HarmoniADMethod(Method):
             "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
         }
 
+    def fitted(self) -> dict[str, Any]:
+        """The checkpoint and the fusion weights of (z_high, z_joint, z_low) it scores with, and how they were chosen."""
+        if self._scorer is None or self.checkpoint is None:
+            return {}
+        model = self._scorer.model
+        fusion = None
+        if model.cfg.mixes_maps:  # one branch, or a max fusion: no weights
+            info = self._scorer.info
+            fusion = {"map": list(model.mix), "score": list(model.score_mix),
+                      "learning": None if info is None else (info.result or {}).get("fusion")}
+        return {"checkpoint": str(self.checkpoint), "fusion": fusion}
+
     def checkpoint_dir(self, train_samples: list[Sample], ctx: Context) -> Path:
         """Where the weights for exactly these settings and training images live."""
         identity = {

@@ -152,6 +152,7 @@ def run_json(store: ResultStore, run_id: str) -> dict[str, Any]:
         "mean": mean,
         "settings": {k: run_details[k] for k in ("n_resamples", "interval_level", "target_fpr",
                                                   "threshold_holdout", "seed") if k in run_details},
+        "fitted": run_details.get("fitted") or {},
     }
 
 

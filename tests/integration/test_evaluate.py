@@ -58,6 +58,28 @@ def test_every_method_completes_with_metrics_for_every_category(all_runs) -> Non
         assert info.random_weights == (METHODS[info.method].name != "freqfilter")
 
 
+def test_runs_show_what_harmoniad_fitted_and_the_checkpoint_scores_with_it(all_runs, capsys) -> None:
+    from harmoniad.cli import main
+    from harmoniad.store.details import run_json
+    from harmoniad.train import load_checkpoint, read_checkpoint_info
+
+    store, ids, _ = all_runs
+    by_method = {store.get_run(r).method: run_json(store, r) for r in ids}
+    assert main(["runs", "--store", str(store.root), "show", by_method["harmoniad"]["run_id"]]) == 0
+    assert "fusion weights of (z_high, z_joint, z_low), learned on pseudo-defects: anomaly map (" \
+        in capsys.readouterr().out
+    fitted = by_method["harmoniad"]["fitted"]
+    model, _ = load_checkpoint(fitted["checkpoint"])
+    fusion = fitted["fusion"]
+    assert tuple(fusion["map"]) == model.mix and tuple(fusion["score"]) == model.score_mix
+    learning = read_checkpoint_info(fitted["checkpoint"]).result["fusion"]
+    assert fusion["learning"] == learning and tuple(learning["map"]["mix"]) == model.mix
+    assert by_method["harmoniad_nosplit"]["fitted"]["fusion"]["learning"] is not None  # both branches: weights
+    low = by_method["harmoniad_low"]["fitted"]
+    assert low["checkpoint"] != fitted["checkpoint"] and low["fusion"] is None  # one branch: its own map
+    assert by_method["freqfilter"]["fitted"] == {}
+
+
 def test_stored_metrics_match_a_recomputation_from_stored_scores_and_maps(all_runs, dataset: Path) -> None:
     store, ids, _ = all_runs
     run_id = ids[0]  # harmoniad: has branch maps
