@@ -321,8 +321,9 @@ def _run_method(
         outer.update(len(categories) + 1, method=method.name)
         return
     outer.update(method=method.name, step="fit")
-    if record_to is not None and method.fitted():
-        record_to.set_run_details(run_id, {"fitted": method.fitted()})
+    fitted_facts = method.fitted()
+    if record_to is not None and fitted_facts:
+        record_to.set_run_details(run_id, {"fitted": fitted_facts})
     request = request or EvalRequest("", "", (method.name,))
     reports: dict[str, CategoryReport] = {}
     fitted: dict[str, dict[str, Any]] = {}
