@@ -236,6 +236,17 @@ def load_thresholds(path: str, run_id: str, updated: str) -> pd.DataFrame:
     return _store(path).load_thresholds(run_id)
 
 
+@st.cache_data(show_spinner=False, max_entries=64)
+def load_run_details(path: str, run_id: str, updated: str) -> dict:
+    return _store(path).load_run_details(run_id)
+
+
+def fusion_weights(info: RunInfo) -> dict | None:
+    """HarmoniAD's fusion weights for the run (``{"map", "score", "learning"}``), None for other methods."""
+    fitted = load_run_details(str(store_path()), info.id, info.updated).get("fitted") or {}
+    return fitted.get("fusion")
+
+
 def fitted_thresholds(info: RunInfo) -> dict:
     """``category -> harmoniad.operating.Fitted``: the thresholds the run fitted on held-out normals."""
     from harmoniad.operating import fitted_thresholds as from_table

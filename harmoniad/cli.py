@@ -109,19 +109,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _fusion_summary(checkpoint: Path) -> str:
-    """One line: the fusion weights a checkpoint scores with, and whether training learned them."""
-    from harmoniad.train import load_checkpoint
+    """One line: how the checkpoint weighs its branch maps, and whether training learned the weights."""
+    from harmoniad.train import load_checkpoint, read_checkpoint_info
+    from harmoniad.train.fusion import describe_fusion
 
     model, _ = load_checkpoint(checkpoint)
     if not model.cfg.mixes_maps:
         return "fusion: one branch (its own map)" if model.cfg.branches != "both" else f"fusion: {model.cfg.fusion}"
-    return _fusion_line(model.mix, model.score_mix, model.cfg.fusion_weights == "learned")
-
-
-def _fusion_line(mix: Sequence[float], score_mix: Sequence[float], learned: bool) -> str:
-    how = "learned on pseudo-defects" if learned else "fixed"
-    return (f"fusion weights of (z_high, z_joint, z_low), {how}: anomaly map {tuple(mix)}, "
-            f"image score {tuple(score_mix)}")
+    learning = read_checkpoint_info(checkpoint).result.get("fusion")
+    return "fusion of the z-scored maps: " + describe_fusion(model.mix, model.score_mix, learning)
 
 
 def _score_threshold(args: argparse.Namespace, score_settings: dict) -> tuple[float | None, str]:
@@ -359,7 +355,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
             print(f"error: {info.error}")
         fusion = (store.load_run_details(info.id).get("fitted") or {}).get("fusion")
         if fusion:
-            print(_fusion_line(fusion["map"], fusion["score"], fusion["learning"] is not None))
+            from harmoniad.train.fusion import describe_fusion
+
+            print("fusion of the z-scored maps: " + describe_fusion(fusion["map"], fusion["score"], fusion["learning"]))
         _print_metrics(store, info.id)
     elif args.action == "export":
         args.out.mkdir(parents=True, exist_ok=True)

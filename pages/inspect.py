@@ -18,6 +18,7 @@ from dashboard import nav, state, thresholds
 from harmoniad import charts
 from harmoniad.data import DatasetError, read_image
 from harmoniad.store import RunDataMissing, RunInfo, RunNotFound
+from harmoniad.train.fusion import describe_fusion
 from harmoniad.visualize import heatmap_rgb
 
 #: Maps sampled per category for the default threshold and colour scale.
@@ -32,7 +33,7 @@ FILTERS = {"all": "all images", "defective": "defective only", "normal": "normal
            "FP": "false alarms at the threshold", "FN": "missed defects at the threshold"}
 ALL_DEFECTS = "all defect types"
 BRANCHES = (
-    ("anomaly", "Anomaly map", "the fused map the image score comes from"),
+    ("anomaly", "Anomaly map", "the branch maps standardised and fused"),
     ("high", "High-frequency map", "reconstruction error in the fine-structure band (FSAM branch)"),
     ("low", "Low-frequency map", "reconstruction error in the smooth, global band (GSCM branch)"),
 )
@@ -324,7 +325,8 @@ def _side_by_side(info: RunInfo, row: pd.Series, base: np.ndarray | None, rule: 
                 continue
             raw = maps[name]
             heading = labels[peer.id] if name == "anomaly" else f"{labels[peer.id]}: {title.lower()}"
-            note = f"score {float(prow['score']):.4g} · {verdict}" if name == "anomaly" else "frequency-branch map"
+            note = (f"score {float(prow['score']):.4g} · {verdict}{_fusion_note(peer)}" if name == "anomaly"
+                    else "frequency-branch map")
             if sample is not None and name in sample["quantiles"]:
                 values = charts.to_percentiles(raw, sample["quantiles"][name])
                 panels.append((Panel(heading, values, 0.0, 100.0, note, raw), peer.id))
@@ -398,6 +400,14 @@ def _verdict(row: pd.Series, rows: pd.DataFrame, dec: thresholds.Decision) -> st
         return text + f" · no image threshold ({dec.how})"
     return (text + f" · at threshold {dec.threshold:.4g} ({thresholds.RULES[dec.rule]}): "
             + OUTCOME_TEXT[thresholds.outcome(int(row["label"]), bool(dec.flags([float(row["score"])])[0]))])
+
+
+def _fusion_note(info: RunInfo) -> str:
+    """How a HarmoniAD run's anomaly map and image score weigh its z-scored branch maps ('' for other runs)."""
+    fusion = state.fusion_weights(info)
+    if not fusion:
+        return ""
+    return "  \n" + describe_fusion(fusion["map"], fusion["score"], fusion.get("learning"))
 
 
 def main() -> None:

@@ -20,9 +20,10 @@ documented weights stay.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from itertools import product
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,6 +60,28 @@ class FusionChoice:
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+def describe_fusion(mix: Sequence[float], score_mix: Sequence[float], learning: Mapping[str, Any] | None) -> str:
+    """One line for people: how the anomaly map and the image score weigh the z-scored branch maps, and why.
+
+    ``learning`` is :meth:`FusionChoice.to_dict` (None: ``fusion_weights="fixed"``), e.g.
+    ``anomaly map 0.2 joint + 0.8 low; image score 0.9 joint + 0.1 low (learned on pseudo-defects)``.
+    """
+
+    def weighted(weights: Sequence[float]) -> str:
+        return " + ".join(f"{w:g} {name}" for w, name in zip(weights, ("high", "joint", "low")) if w)
+
+    if learning is None:
+        how = "fixed weights"
+    elif learning["map"]["learned"] or learning["score"]["learned"]:
+        how = "learned on pseudo-defects"
+    else:
+        how = "fixed weights: pseudo-defects found none clearly better"
+    text = f"anomaly map {weighted(mix)}"
+    if list(score_mix) != list(mix):
+        text += f"; image score {weighted(score_mix)}"
+    return f"{text} ({how})"
 
 
 def candidate_mixes() -> list[Mix]:

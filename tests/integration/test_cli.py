@@ -44,12 +44,12 @@ def test_extract_then_train_then_score(dataset: Path, tmp_path: Path, cache: Pat
     assert main(["train", "--dataset", "synthetic", "--root", str(dataset), "--epochs", "1", "--batch-size", "4",
                  "--out", str(ckpt), *TINY]) == 0
     assert (ckpt / "model.safetensors").is_file() and (ckpt / "config.json").is_file()
-    assert "fusion weights of (z_high, z_joint, z_low), learned on pseudo-defects: anomaly map (" \
-        in capsys.readouterr().out
+    assert "fusion of the z-scored maps: anomaly map " in capsys.readouterr().out
     fixed = tmp_path / "ckpt-fixed"
     assert main(["train", "--dataset", "synthetic", "--root", str(dataset), "--epochs", "1", "--batch-size", "4",
                  "--fusion-weights", "fixed", "--out", str(fixed), *TINY]) == 0
-    assert "fixed: anomaly map (0.45, 0.55, 0.0), image score (0.45, 0.55, 0.0)" in capsys.readouterr().out
+    assert "fusion of the z-scored maps: anomaly map 0.45 high + 0.55 joint (fixed weights)\n" \
+        in capsys.readouterr().out
 
     images = dataset / "grain" / "test"
     out = tmp_path / "scored"

@@ -101,6 +101,11 @@ def test_pages_on_the_demo_store(demo_store: ResultStore) -> None:
                       "Frequency filter"], titles
     assert "Predicted" in " | ".join(_captions(at))
     assert {m.label for m in at.metric} >= {*COUNTS, "IoU"}
+    # HarmoniAD's anomaly map says how it weighs its branch maps, as the run recorded them
+    fusion = demo_store.load_run_details(ids["harmoniad"])["fitted"]["fusion"]
+    weights = " + ".join(f"{w:g} {n}" for w, n in zip(fusion["map"], ("high", "joint", "low")) if w)
+    notes = [m.value for m in at.markdown if "anomaly map " in m.value]
+    assert len(notes) == 1 and f"anomaly map {weights}" in notes[0], notes
 
     at = _open("failures", ids["harmoniad"])
     assert {m.label for m in at.metric} >= {"False positives", "False negatives", "Threshold"}

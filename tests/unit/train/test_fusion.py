@@ -204,3 +204,17 @@ def test_learning_reads_the_pasted_images_and_trusts_the_map_that_sees_the_paste
     assert choice.score.learned and choice.score.mix[2] >= 0.5 and choice.score.value > 0.95, choice
     torch.testing.assert_close(model.fusion_mix, torch.tensor(choice.map.mix))
     torch.testing.assert_close(model.fusion_score_mix, torch.tensor(choice.score.mix))
+
+
+def test_the_description_names_the_weights_and_why() -> None:
+    from harmoniad.train.fusion import WeightChoice, FusionChoice, describe_fusion
+
+    fixed = (0.45, 0.55, 0.0)
+    kept = WeightChoice(fixed, False, 1.0, 1.0)
+    moved = WeightChoice((0.0, 0.2, 0.8), True, 1.4, 1.1)
+    assert describe_fusion(fixed, fixed, None) == "anomaly map 0.45 high + 0.55 joint (fixed weights)"
+    learned = FusionChoice(moved, kept, 12, 0.01).to_dict()
+    assert describe_fusion((0.0, 0.2, 0.8), fixed, learned) == \
+        "anomaly map 0.2 joint + 0.8 low; image score 0.45 high + 0.55 joint (learned on pseudo-defects)"
+    none_better = FusionChoice(kept, kept, 12, 0.01).to_dict()
+    assert describe_fusion(fixed, fixed, none_better).endswith("(fixed weights: pseudo-defects found none clearly better)")
