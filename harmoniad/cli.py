@@ -110,14 +110,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _fusion_summary(checkpoint: Path) -> str:
     """One line: how the checkpoint weighs its branch maps, and whether training learned the weights."""
-    from harmoniad.train import load_checkpoint, read_checkpoint_info
+    from harmoniad.train import read_checkpoint_info
     from harmoniad.train.fusion import describe_fusion
 
-    model, _ = load_checkpoint(checkpoint)
-    if not model.cfg.mixes_maps:
-        return "fusion: one branch (its own map)" if model.cfg.branches != "both" else f"fusion: {model.cfg.fusion}"
-    learning = read_checkpoint_info(checkpoint).result.get("fusion")
-    return "fusion of the z-scored maps: " + describe_fusion(model.mix, model.score_mix, learning)
+    info = read_checkpoint_info(checkpoint)  # the config's record; no need to load the weights
+    cfg = info.model
+    if not cfg.mixes_maps:
+        return "fusion: one branch (its own map)" if cfg.branches != "both" else f"fusion: {cfg.fusion}"
+    learning = info.result.get("fusion")
+    mix, score_mix = (cfg.fixed_mix, cfg.fixed_mix) if learning is None else \
+        (learning["map"]["mix"], learning["score"]["mix"])
+    return "fusion of the z-scored maps: " + describe_fusion(mix, score_mix, learning)
 
 
 def _score_threshold(args: argparse.Namespace, score_settings: dict) -> tuple[float | None, str]:
