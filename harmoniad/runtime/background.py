@@ -5,6 +5,11 @@ goes on while one worker thread computes metrics and writes files. At most ``dep
 wait, so memory stays bounded (a category's maps are held until its job ran) and a slow
 disk slows the run down instead of filling the memory. A job's exception is re-raised in
 the caller at the next :meth:`BackgroundWriter.submit` or at :meth:`BackgroundWriter.drain`.
+
+While a writer is open, numpy's BLAS (OpenBLAS, through threadpoolctl) runs on one thread:
+the writer's matrix products (bootstrap, curve areas) are small, and OpenBLAS's idle threads
+spin after every call, taking the cores that score from torch (about 2 ms of CPU an image
+on a 2-core machine; docs/design.md#cost-of-the-scoring-path).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
 
+from threadpoolctl import threadpool_limits
+
 
 class BackgroundWriter:
     """Runs submitted jobs on ``workers`` threads (in order with one), at most ``depth + workers - 1`` pending.
@@ -23,13 +30,16 @@ class BackgroundWriter:
     (metrics are numpy work that releases the GIL); jobs must then be independent.
     """
 
-    def __init__(self, depth: int = 1, name: str = "harmoniad-writer", *, workers: int = 1) -> None:
+    def __init__(self, depth: int = 1, name: str = "harmoniad-writer", *, workers: int = 1,
+                 blas_threads: int | None = 1) -> None:
         if depth < 1 or workers < 1:
             raise ValueError(f"BackgroundWriter: depth and workers must be >= 1, got {depth}, {workers}")
         self.depth = depth
         self.workers = workers
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
         self._pending: deque[Future[Any]] = deque()
+        # Process-wide, until close(); None leaves numpy's BLAS as it is.
+        self._blas = None if blas_threads is None else threadpool_limits(blas_threads, user_api="blas")
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]:
         """Queue ``fn(*args, **kwargs)``; first waits until fewer than ``depth + workers - 1`` jobs are pending."""
@@ -49,6 +59,9 @@ class BackgroundWriter:
                 future.cancel()
             self._pending.clear()
         self._pool.shutdown(wait=True, cancel_futures=cancel)
+        if self._blas is not None:
+            self._blas.restore_original_limits()
+            self._blas = None
 
     def _collect(self, keep: int) -> None:
         # Finished jobs are collected as they come, so an error surfaces at the next call.

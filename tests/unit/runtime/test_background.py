@@ -99,3 +99,28 @@ def test_writer_threads_follow_the_device(monkeypatch):
     assert writer_workers(torch.device("cuda", 0)) == 4
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     assert writer_workers(torch.device("cuda", 0)) == 1
+
+
+def _blas_threads() -> list[int]:
+    from threadpoolctl import threadpool_info
+
+    return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+
+def test_numpy_blas_runs_on_one_thread_while_a_writer_is_open_and_is_restored_after():
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(2, user_api="blas"):  # a known starting point, on any machine
+        before = _blas_threads()
+        assert before and all(n == 2 for n in before)
+        seen: list[list[int]] = []
+        with BackgroundWriter() as writer:
+            writer.submit(lambda: seen.append(_blas_threads()))
+        assert seen == [[1] * len(before)]
+        assert _blas_threads() == before
+        with BackgroundWriter(blas_threads=None) as writer:
+            writer.submit(lambda: seen.append(_blas_threads()))
+        assert seen[-1] == before
+        writer = BackgroundWriter()
+        writer.close(cancel=True)  # closed after a failure: restored too
+        assert _blas_threads() == before
