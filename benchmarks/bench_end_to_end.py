@@ -63,6 +63,7 @@ from harmoniad.methods.harmoniad import Scorer
 from harmoniad.model import HarmoniAD, ModelConfig
 from harmoniad.runtime.background import BackgroundWriter, writer_workers
 from harmoniad.runtime.device import batch_size_for, resolve_device
+from harmoniad.runtime.heap import keep_freed_memory
 from harmoniad.runtime.progress import silent
 from harmoniad.store import ResultStore
 
@@ -217,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     args.image_size = args.image_size or (512 if args.quick else 1024)
     args.repeats = args.repeats or (3 if args.quick else 2)
     device = resolve_device(args.device)
+    heap = keep_freed_memory()  # as evaluate() does; both pipelines run under it
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
@@ -266,7 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     precision = "bf16" if device.type == "cuda" else "fp32"
     print(f"device {device} ({precision}), threads {torch.get_num_threads()}, backbone {name} @ {cfg.image_size}, "
           f"batch {batch}, decode workers {workers}, {n} images of {args.image_size}px in categories of "
-          f"{args.per_category} (made in {made_s:.1f} s), maps {args.resolution}px, best of {args.repeats}")
+          f"{args.per_category} (made in {made_s:.1f} s), maps {args.resolution}px, best of {args.repeats}, "
+          f"freed memory kept for reuse: {'yes' if heap else 'no'}")
     print(f"  backbone only : {n / t_bb:9.1f} images/s  ({', '.join(f'{t:.2f}' for t in times['backbone'])} s)")
     print(f"  end to end    : {n / t_e2e:9.1f} images/s  ({', '.join(f'{t:.2f}' for t in times['end_to_end'])} s)")
     rounds = len(times["end_to_end"])
@@ -285,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         "ratio": round(ratio, 4), "peak_rss_mib": round(rss["peak"] / 2**20, 1),
         "peak_device_mib": None if peak_dev is None else round(peak_dev, 1), "device": str(device),
         "backbone": name, "batch": batch, "workers": workers, "image_size": args.image_size,
-        "per_category": args.per_category, "resolution": args.resolution,
+        "per_category": args.per_category, "resolution": args.resolution, "keeps_freed_memory": heap,
         "score_s": round(busy.get("score", 0) / rounds, 3), "record_s": round(busy.get("record", 0) / rounds, 3),
     }))
 

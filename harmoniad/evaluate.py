@@ -37,6 +37,7 @@ from harmoniad.thresholds import save_checkpoint_thresholds
 from harmoniad.runtime.progress import Cancelled, Progress, ProgressEvent, ProgressFn, print_progress, silent
 from harmoniad.data.screening import Screen, SkippedFile, load_categories
 from harmoniad.runtime.background import BackgroundWriter, writer_workers
+from harmoniad.runtime.heap import keep_freed_memory
 from harmoniad.store import ResultStore
 
 
@@ -197,6 +198,7 @@ def evaluate(
         raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
     # Built once, before any work starts: bad options are refused up front.
     methods = [build_method(name, request.options.get(name)) for name in request.methods]
+    keep_freed_memory()  # batches and categories reuse freed host memory (harmoniad.runtime.heap)
     main = distributed.is_main()
     # Under torchrun only rank 0 writes results and reports; the other ranks compute only.
     store = (store or ResultStore()) if main else None
