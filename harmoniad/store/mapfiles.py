@@ -120,9 +120,8 @@ def _encode_maps(stack: np.ndarray, precision: MapPrecision) -> tuple[np.ndarray
     """
     m = np.asarray(stack, dtype=np.float32)
     n, h, w = m.shape
-    finite = np.isfinite(m)
     if precision == "float16":
-        peaks = np.abs(np.where(finite, m, 0.0)).reshape(n, -1).max(axis=1)
+        peaks = _finite_peaks(m.reshape(n, -1))
         # peak * 2**exp in [1, 2): an exact scaling (float64 holds every float32 times 2**exp).
         exps = np.array([0 if p == 0.0 else -math.floor(math.log2(float(p))) for p in peaks], dtype=np.int64)
         # Powers of two within float32's normal range scale float32 exactly (a result below it
@@ -137,6 +136,7 @@ def _encode_maps(stack: np.ndarray, precision: MapPrecision) -> tuple[np.ndarray
         params = np.stack([exps.astype(np.float64), np.zeros(n)], axis=1).astype("<f8")
         return np.ascontiguousarray(shuffled), params
     out, params = np.empty((n, h * w), np.uint8), np.empty((n, 2), "<f8")
+    finite = np.isfinite(m)
     for i in range(n):
         fin = m[i][finite[i]]
         lo = float(fin.min()) if fin.size else 0.0
@@ -146,6 +146,21 @@ def _encode_maps(stack: np.ndarray, precision: MapPrecision) -> tuple[np.ndarray
         out[i] = _delta2d(np.round(scaled * 255).astype(np.uint8)).reshape(-1)
         params[i] = (lo, hi)
     return out, params
+
+
+def _finite_peaks(rows: np.ndarray) -> np.ndarray:
+    """Per row, the largest magnitude among its finite values (0 when it has none).
+
+    NaN-ignoring max and min (``fmax``/``fmin``) are one pass each with no temporaries, about
+    10x faster than masking; only a row that holds an infinity (or nothing but NaN) takes
+    the masked way.
+    """
+    peaks = np.maximum(np.abs(np.fmax.reduce(rows, axis=1)), np.abs(np.fmin.reduce(rows, axis=1)))
+    bad = ~np.isfinite(peaks)
+    if bad.any():
+        odd = rows[bad]
+        peaks[bad] = np.abs(np.where(np.isfinite(odd), odd, 0.0)).max(axis=1)
+    return peaks
 
 
 def _decode_map(data: bytes, param: np.ndarray, encoding: str, shape: tuple[int, ...]) -> np.ndarray:

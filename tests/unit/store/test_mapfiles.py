@@ -45,6 +45,24 @@ def test_float16_maps_round_trip_to_their_float16_values(tmp_path: Path) -> None
             np.testing.assert_array_equal(got[name], _float16_exact(stack)[i])
 
 
+def test_non_finite_values_come_back_as_they_are_and_the_scale_follows_the_finite_ones(tmp_path: Path) -> None:
+    maps, masks = _maps()
+    anomaly = maps["anomaly"].copy()
+    # A wrong scale only shows where float16 overflows (or underflows): values far beyond its 65504.
+    anomaly[0] *= 1e5
+    anomaly[0, 0, 0], anomaly[0, 1, 1], anomaly[1, 2, 2] = np.inf, -np.inf, np.nan
+    anomaly[2] = np.nan  # nothing finite at all
+    anomaly[3] = -1e4 * np.abs(anomaly[3]) - 1e-3  # finite; its peak is its most negative value
+    path = tmp_path / "a.maps"
+    write_maps(path, 4, R, {"anomaly": anomaly}, masks, "float16")
+    for i in range(4):
+        m = anomaly[i]
+        finite = m[np.isfinite(m)]
+        e = -int(np.floor(np.log2(np.abs(finite).max()))) if finite.size else 0
+        want = np.where(np.isfinite(m), np.ldexp(np.ldexp(m, e).astype(np.float16).astype(np.float32), -e), m)
+        np.testing.assert_array_equal(read_maps(path, i, "test")["anomaly"], want)
+
+
 def _blob_span(path: Path, local: int) -> tuple[int, int]:
     data = path.read_bytes()
     table_at, meta_len, _ = struct.unpack("<QQ8s", data[-24:])
