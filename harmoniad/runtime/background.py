@@ -8,7 +8,7 @@ the caller at the next :meth:`BackgroundWriter.submit` or at :meth:`BackgroundWr
 
 While a writer is open, numpy's BLAS (OpenBLAS, through threadpoolctl) runs on one thread:
 the writer's matrix products (bootstrap, curve areas) are small, and OpenBLAS's idle threads
-spin after every call, taking the cores that score from torch (about 2 ms of CPU an image
+spin after every call, taking the cores that score from torch (about 1.7 ms of CPU an image
 on a 2-core machine; docs/design.md#cost-of-the-scoring-path).
 """
 
