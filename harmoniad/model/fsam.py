@@ -84,20 +84,21 @@ class WindowAttention(nn.Module):
         gather, scatter = self._indices[key]
         windows, length = gather.shape
         # q, k, v per token first, then tiled: overlapping tiles repeat tokens (a 16 x 16 grid in
-        # 7 x 7 windows is 441 tile slots for 256 tokens), the projection need not.
+        # 7 x 7 windows is 441 tile slots for 256 tokens), the projection need not. Tiling and
+        # untiling use index_select, ~5x faster on CPU than advanced indexing (x[:, idx]).
         tiled = gather.reshape(-1)
         if query is None:  # the token FSAM: no mask argument at all, so a fused kernel applies
-            qkv = self.qkv(x)[:, tiled].reshape(b * windows, length, 3, self.heads, d // self.heads)
+            qkv = self.qkv(x).index_select(1, tiled).reshape(b * windows, length, 3, self.heads, d // self.heads)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
             out = F.scaled_dot_product_attention(q, k, v)
         else:  # queries from the query stream (the first third of qkv), keys and values of x, own slot masked
-            kv = F.linear(x, self.qkv.weight[d:], self.qkv.bias[d:])[:, tiled]
+            kv = F.linear(x, self.qkv.weight[d:], self.qkv.bias[d:]).index_select(1, tiled)
             k, v = kv.reshape(b * windows, length, 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-            q = F.linear(query, self.qkv.weight[:d], self.qkv.bias[:d]).expand(b, -1, -1)[:, tiled]
+            q = F.linear(query, self.qkv.weight[:d], self.qkv.bias[:d]).expand(b, -1, -1).index_select(1, tiled)
             q = q.reshape(b * windows, length, self.heads, d // self.heads).transpose(1, 2)
             mask = ~torch.eye(length, dtype=torch.bool, device=x.device)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = out.transpose(1, 2).reshape(b, windows * length, d)[:, scatter]
+        out = out.transpose(1, 2).reshape(b, windows * length, d).index_select(1, scatter)
         return self.proj(out)
 
 
