@@ -31,8 +31,12 @@ Reading the ratio on a CPU: the backbone path already keeps every core busy, so 
 (~5 ms of CPU an image with the tiny backbone, about half its forward) and the writer's work
 (exact pixel metrics, bootstrap and compressed map writes, ~9 ms of CPU an image at 256 px)
 cannot hide behind it, and the ratio measures them (``score_s``/``record_s`` say where the
-time went; docs/design.md#cost-of-the-scoring-path has the breakdown). On a GPU machine the
-writer has idle cores to itself (several writer threads there).
+time went; docs/design.md#cost-of-the-scoring-path has the breakdown). The "CPU an image"
+line (``cpu_ms_per_image``, ``backbone_cpu_ms_per_image``: process CPU time of each
+pipeline, all threads and decode workers) says how much more work the end-to-end path
+does: where both pipelines keep the cores busy, the ratio cannot fall much below that CPU
+ratio, whatever the overlap. On a GPU machine the writer has idle cores to itself (several
+writer threads there).
 
 The last line is one JSON object: images, images_per_s, backbone_images_per_s, ratio
 (end-to-end time / backbone time, target <= 1.25 on CPU, <= 1.2 on an H200), peak_rss_mib,
@@ -44,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import tempfile
 import threading
 import time
@@ -142,6 +147,12 @@ def peak_rss(result: dict[str, int]) -> Iterator[None]:
         stop.set()
         thread.join()
         result["peak"] = max(result["peak"], _rss_bytes())
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process (all threads) and of its ended children (decode workers on CUDA)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _sync(device: torch.device) -> None:
@@ -253,13 +264,18 @@ def main(argv: list[str] | None = None) -> None:
 
         rss: dict[str, int] = {}
         times: dict[str, list[float]] = {"backbone": [], "end_to_end": []}
+        cpu: dict[str, float] = {"backbone": 0.0, "end_to_end": 0.0}  # CPU seconds, all rounds
         busy: dict[str, float] = {}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         with peak_rss(rss):
             for _ in range(args.repeats):
+                c0 = _cpu_seconds()
                 times["backbone"].append(backbone_only(backbone, [s.image_path for s in samples], batch, workers))
+                c1 = _cpu_seconds()
                 times["end_to_end"].append(end_to_end(scorer, samples, store, args.resolution, busy))
+                cpu["backbone"] += c1 - c0
+                cpu["end_to_end"] += _cpu_seconds() - c1
         peak_dev = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
     t_bb, t_e2e = min(times["backbone"]), min(times["end_to_end"])
@@ -273,8 +289,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  backbone only : {n / t_bb:9.1f} images/s  ({', '.join(f'{t:.2f}' for t in times['backbone'])} s)")
     print(f"  end to end    : {n / t_e2e:9.1f} images/s  ({', '.join(f'{t:.2f}' for t in times['end_to_end'])} s)")
     rounds = len(times["end_to_end"])
+    cpu_ms = {k: 1e3 * v / (rounds * n) for k, v in cpu.items()}  # CPU an image, mean of the rounds
+    busy_cores = {k: cpu[k] / sum(times[k]) for k in cpu}
     print(f"    of which scoring (decode -> host maps) {busy.get('score', 0) / rounds:.2f} s and, on the writer, "
           f"metrics + store {busy.get('record', 0) / rounds:.2f} s per round")
+    print(f"    CPU an image: backbone only {cpu_ms['backbone']:.1f} ms, end to end {cpu_ms['end_to_end']:.1f} ms "
+          f"({cpu_ms['end_to_end'] / cpu_ms['backbone']:.2f}x); cores busy {busy_cores['backbone']:.2f} and "
+          f"{busy_cores['end_to_end']:.2f} of {os.cpu_count()}")
     target = 1.2 if device.type == "cuda" else 1.25
     print(f"  ratio end-to-end / backbone = {ratio:.3f} (target <= {target}: {'met' if ratio <= target else 'NOT met'})")
     print(f"  peak host RSS {rss['peak'] / 2**20:.0f} MiB" +
@@ -290,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
         "backbone": name, "batch": batch, "workers": workers, "image_size": args.image_size,
         "per_category": args.per_category, "resolution": args.resolution, "keeps_freed_memory": heap,
         "score_s": round(busy.get("score", 0) / rounds, 3), "record_s": round(busy.get("record", 0) / rounds, 3),
+        "cpu_ms_per_image": round(cpu_ms["end_to_end"], 2), "backbone_cpu_ms_per_image": round(cpu_ms["backbone"], 2),
     }))
 
 

@@ -22,6 +22,10 @@ def test_quick_benchmark_on_a_handful_of_images_reports_every_figure(tmp_path):
     assert last["images"] == 12 and last["peak_device_mib"] is None
     assert last["images_per_s"] > 0 and last["backbone_images_per_s"] > 0 and last["peak_rss_mib"] > 100
     assert abs(last["ratio"] - last["backbone_images_per_s"] / last["images_per_s"]) < 0.01 * last["ratio"]
+    # CPU time an image of each pipeline: both did work (decode at least), and no more than
+    # all cores for the whole round could give.
+    for key, per_s in (("cpu_ms_per_image", "images_per_s"), ("backbone_cpu_ms_per_image", "backbone_images_per_s")):
+        assert 0 < last[key] <= 1e3 / last[per_s] * (os.cpu_count() or 1) * 1.05, (key, last)
     # Everything reached the store: 3 categories (5 + 5 + 2 images) recorded, warm-up excluded.
     from harmoniad.store import ResultStore
 
