@@ -62,7 +62,7 @@ from PIL import Image
 
 from harmoniad.backbone import TINY_BACKBONE, Backbone, BackboneConfig
 from harmoniad.data import Sample
-from harmoniad.data.loading import decoded_batches, default_workers
+from harmoniad.data.loading import decoded_batches, default_workers, reuse_decode_workers
 from harmoniad.maps import ScoreConfig
 from harmoniad.methods.harmoniad import Scorer
 from harmoniad.model import HarmoniAD, ModelConfig
@@ -196,7 +196,8 @@ def end_to_end(scorer: Scorer, samples: Sequence[Sample], store: ResultStore, re
                               resolution=resolution)
     _sync(scorer.device)
     start = time.perf_counter()
-    with BackgroundWriter(workers=writer_workers(scorer.device)) as writer:
+    # As evaluate(): decode workers (CUDA) start once, not once a category.
+    with reuse_decode_workers(), BackgroundWriter(workers=writer_workers(scorer.device)) as writer:
         for category, listed in by_category.items():
             t0 = time.perf_counter()
             pred = scorer.score_samples(listed, progress=silent)

@@ -31,6 +31,7 @@ from harmoniad.methods import METHODS, build_method
 from harmoniad.methods.base import Context, Method
 from harmoniad.maps import Prediction
 from harmoniad.analysis import CategoryReport, category_report, category_seed, image_part, mean_intervals, pixel_part
+from harmoniad.data.loading import reuse_decode_workers
 from harmoniad.data.readers import ReadOptions
 from harmoniad.stats import LEVEL
 from harmoniad.thresholds import save_checkpoint_thresholds
@@ -211,61 +212,64 @@ def evaluate(
     fit_train, held = hold_out_normals(train, request.threshold_holdout, request.seed)
     screen = Screen(decode=distributed.active())  # ranks must agree up front: no retries
     device = distributed.device(request.device)
-    if distributed.active():
-        _prefetch_features(request, screen.keep(fit_train)[0], methods, device, report)
-    outer = Progress("evaluate", len(request.methods) * (len(categories) + 1), report, min_interval_s=0)
-    run_ids = []
-    mask_memo: dict[tuple[Path | None, ...], np.ndarray] = {}  # ground truth, read once for all methods
-    for name, method in zip(request.methods, methods):
-        ctx = Context(
-            resolution=request.resolution,
-            device=device,
-            backbone=request.backbone if method.uses_backbone else None,
-            seed=request.seed,
-            progress=_nested(report, name),
-        )
-        # Weights that cannot be loaded fail this method's run (reported, exit 1 in the CLI),
-        # not the whole request: the other methods still run. Every rank sees the same files.
-        provenance, weights_error = None, None
-        if method.uses_backbone:
+    # On CUDA the decode worker processes start once for the whole request, not once a
+    # category and split (harmoniad.data.loading.reuse_decode_workers).
+    with reuse_decode_workers():
+        if distributed.active():
+            _prefetch_features(request, screen.keep(fit_train)[0], methods, device, report)
+        outer = Progress("evaluate", len(request.methods) * (len(categories) + 1), report, min_interval_s=0)
+        run_ids = []
+        mask_memo: dict[tuple[Path | None, ...], np.ndarray] = {}  # ground truth, read once for all methods
+        for name, method in zip(request.methods, methods):
+            ctx = Context(
+                resolution=request.resolution,
+                device=device,
+                backbone=request.backbone if method.uses_backbone else None,
+                seed=request.seed,
+                progress=_nested(report, name),
+            )
+            # Weights that cannot be loaded fail this method's run (reported, exit 1 in the CLI),
+            # not the whole request: the other methods still run. Every rank sees the same files.
+            provenance, weights_error = None, None
+            if method.uses_backbone:
+                try:
+                    provenance = _provenance(request.backbone)
+                except (ValueError, OSError) as exc:
+                    weights_error = f"cannot load the backbone weights: {exc}"
+            if weights_error is not None:
+                if store is not None:
+                    run_id = store.create_run(method=name, method_config=method.config(), dataset=request.dataset_label,
+                                              root=str(Path(request.root)), categories=categories,
+                                              backbone={"error": weights_error}, resolution=request.resolution,
+                                              request=to_dict(request))
+                    run_ids.append(run_id)
+                    store.fail_run(run_id, weights_error)
+                outer.update(len(categories) + 1, method=name)
+                continue
+            if not main:  # a compute-only rank: its share of the work goes to rank 0's run
+                _run_method(method, ctx, "", None, fit_train, test, categories, outer,
+                            screen=screen, broken=loaded.broken, mask_memo=mask_memo, held=held, request=request)
+                continue
+            run_id = store.create_run(
+                method=name,
+                method_config=method.config(),
+                dataset=request.dataset_label,
+                root=str(Path(request.root)),
+                categories=categories,
+                backbone=provenance,
+                resolution=request.resolution,
+                request=to_dict(request),
+            )
+            run_ids.append(run_id)
             try:
-                provenance = _provenance(request.backbone)
-            except (ValueError, OSError) as exc:
-                weights_error = f"cannot load the backbone weights: {exc}"
-        if weights_error is not None:
-            if store is not None:
-                run_id = store.create_run(method=name, method_config=method.config(), dataset=request.dataset_label,
-                                          root=str(Path(request.root)), categories=categories,
-                                          backbone={"error": weights_error}, resolution=request.resolution,
-                                          request=to_dict(request))
-                run_ids.append(run_id)
-                store.fail_run(run_id, weights_error)
-            outer.update(len(categories) + 1, method=name)
-            continue
-        if not main:  # a compute-only rank: its share of the work goes to rank 0's run
-            _run_method(method, ctx, "", None, fit_train, test, categories, outer,
-                        screen=screen, broken=loaded.broken, mask_memo=mask_memo, held=held, request=request)
-            continue
-        run_id = store.create_run(
-            method=name,
-            method_config=method.config(),
-            dataset=request.dataset_label,
-            root=str(Path(request.root)),
-            categories=categories,
-            backbone=provenance,
-            resolution=request.resolution,
-            request=to_dict(request),
-        )
-        run_ids.append(run_id)
-        try:
-            _run_method(method, ctx, run_id, store, fit_train, test, categories, outer,
-                        screen=screen, broken=loaded.broken, mask_memo=mask_memo, held=held, request=request)
-        except BaseException as exc:
-            # Cancelled, KeyboardInterrupt or a bug: the run must never be left "running"
-            # by a live process (the dashboard's thread), and never shown complete.
-            reason = "cancelled" if isinstance(exc, (Cancelled, KeyboardInterrupt)) else f"{exc!r}"
-            store.fail_run(run_id, f"{reason}\n{traceback.format_exc()}")
-            raise
+                _run_method(method, ctx, run_id, store, fit_train, test, categories, outer,
+                            screen=screen, broken=loaded.broken, mask_memo=mask_memo, held=held, request=request)
+            except BaseException as exc:
+                # Cancelled, KeyboardInterrupt or a bug: the run must never be left "running"
+                # by a live process (the dashboard's thread), and never shown complete.
+                reason = "cancelled" if isinstance(exc, (Cancelled, KeyboardInterrupt)) else f"{exc!r}"
+                store.fail_run(run_id, f"{reason}\n{traceback.format_exc()}")
+                raise
     return distributed.broadcast_object(run_ids)
 
 

@@ -1,13 +1,19 @@
-"""Evaluation with several writer threads (what a GPU machine uses): every category recorded, the same numbers."""
+"""Evaluation the way a GPU machine runs it: several writer threads (every category recorded,
+the same numbers) and decode worker processes started once for the whole request."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import numpy as np
 
 import harmoniad.evaluate as evaluate_mod
 from harmoniad.backbone import TINY_BACKBONE
 from harmoniad.data import make_synthetic
+from harmoniad.data.loading import decoded_batches
 from harmoniad.evaluate import EvalRequest, evaluate
+from harmoniad.methods.freqfilter import FrequencyFilter
 from harmoniad.runtime.progress import silent
 from harmoniad.store import ResultStore
 
@@ -29,3 +35,32 @@ def test_parallel_writers_record_the_same_results_as_one(tmp_path, monkeypatch):
     np.testing.assert_allclose(m3[numeric].to_numpy(float), m1[numeric].to_numpy(float))
     i1, i3 = one.load_images(id1), three.load_images(id3)
     assert sorted(i1["image_path"]) == sorted(i3["image_path"])
+
+
+def pid_pixel(path: Path) -> np.ndarray:
+    """A 1 x 1 'image' spelling the id of the process that decoded it."""
+    pid = os.getpid()
+    return np.array([[[(pid >> 16) & 255, (pid >> 8) & 255, pid & 255]]], dtype=np.uint8)
+
+
+def test_decode_worker_processes_start_once_for_the_whole_evaluation(tmp_path, monkeypatch):
+    # On CUDA scoring decodes in worker processes; on this CPU a method that decodes the same
+    # way stands in. Every predict call (each category's test images and held-out normals)
+    # must be served by the same workers.
+    monkeypatch.setenv("HARMONIAD_CACHE", str(tmp_path / "cache"))
+    root = make_synthetic(tmp_path / "data", categories=("weave", "flange"), n_train=6, n_test=4, size=32)
+    seen: list[set[tuple[int, ...]]] = []
+    predict = FrequencyFilter.predict
+
+    def decoding_predict(self, test, ctx):  # type: ignore[no-untyped-def]
+        batches = decoded_batches([s.image_path for s in test], 4, workers=2, processes=True, reader=pid_pixel)
+        seen.append({tuple(px) for b in batches for px in b.numpy().reshape(-1, 3)})
+        return predict(self, test, ctx)
+
+    monkeypatch.setattr(FrequencyFilter, "predict", decoding_predict)
+    request = EvalRequest(dataset="synthetic", root=str(root), methods=("freqfilter",), resolution=32, device="cpu",
+                          n_resamples=0, threshold_holdout=0.5)
+    (run_id,) = evaluate(request, ResultStore(tmp_path / "runs"), progress=silent)
+    assert ResultStore(tmp_path / "runs").get_run(run_id).status == "complete"
+    assert len(seen) == 4  # two categories, test images and held-out normals of each
+    assert len(seen[0]) == 2 and all(pids == seen[0] for pids in seen)
