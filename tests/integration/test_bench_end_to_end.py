@@ -1,4 +1,4 @@
-"""benchmarks/bench_end_to_end.py runs the whole path on a few images and ends with its JSON line."""
+"""benchmarks/bench_end_to_end.py (and bench_decode_workers.py) run on a few images and end with their JSON line."""
 
 from __future__ import annotations
 
@@ -33,3 +33,15 @@ def test_quick_benchmark_on_a_handful_of_images_reports_every_figure(tmp_path):
     assert len(runs) == 1 and runs["status"].tolist() == ["complete"]
     images = ResultStore(tmp_path / "runs").load_images(runs["id"].iloc[0])
     assert len(images) == 12 and images["category"].nunique() == 3
+
+
+def test_decode_workers_benchmark_reports_the_cost_a_category(tmp_path):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_decode_workers.py"), "--images", "12", "--per-category",
+           "4", "--image-size", "32", "--workers", "2", "--batch", "4", "--repeats", "1"]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = json.loads(done.stdout.strip().splitlines()[-1])
+    assert last["images"] == 12 and last["categories"] == 3 and last["workers"] == 2
+    assert min(last["one_stream_s"], last["per_category_s"], last["reused_s"]) > 0
+    for key, way in (("per_category_ms", "per_category_s"), ("reused_ms", "reused_s")):
+        assert abs(last[key] - (last[way] - last["one_stream_s"]) / 3 * 1e3) < 1.0
