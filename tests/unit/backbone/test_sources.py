@@ -76,3 +76,29 @@ def test_a_source_with_only_load_is_read_in_order() -> None:
     assert isinstance(Minimal(), FeatureSource)
     got = torch.cat([b[0] for b in in_order(Minimal(), 2)]).flatten().tolist()
     assert got == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_live_load_decodes_a_training_batch_in_several_threads(images: list[Path], monkeypatch) -> None:
+    # Training's shuffled batches come through load(); one decoding thread made a GPU step wait on it.
+    import threading
+    import time
+
+    import harmoniad.data.io as image_io
+    import harmoniad.data.loading as loading
+
+    read, threads = image_io.read_image, set()
+
+    def slow_read(path: Path) -> np.ndarray:
+        threads.add(threading.get_ident())
+        time.sleep(0.05)  # long enough that the pool starts a thread for every file
+        return read(path)
+
+    backbone = Backbone(TINY_BACKBONE, device="cpu")
+    live = BackboneSource(backbone, images)
+    expected = live.load([3, 1, 4, 2])
+    monkeypatch.setattr(image_io, "read_image", slow_read)
+    monkeypatch.setattr(loading, "default_workers", lambda device: 4)
+    got = live.load([3, 1, 4, 2])
+    assert len(threads) == 4 and threading.get_ident() not in threads
+    for x, y in zip(got, expected, strict=True):
+        torch.testing.assert_close(x, y)  # same images, same order
