@@ -64,3 +64,34 @@ def test_decode_worker_processes_start_once_for_the_whole_evaluation(tmp_path, m
     assert ResultStore(tmp_path / "runs").get_run(run_id).status == "complete"
     assert len(seen) == 4  # two categories, test images and held-out normals of each
     assert len(seen[0]) == 2 and all(pids == seen[0] for pids in seen)
+
+
+def test_ground_truth_masks_are_read_while_the_category_is_scored(tmp_path, monkeypatch):
+    # Reading a category's masks (~3 ms a 1024 px MVTec mask) must not wait for its scoring to end,
+    # nor the scoring for it: predict waits (at most 10 s) until the masks are being read.
+    import threading
+
+    monkeypatch.setenv("HARMONIAD_CACHE", str(tmp_path / "cache"))
+    root = make_synthetic(tmp_path / "data", categories=("weave", "flange"), n_train=4, n_test=4, size=32)
+    reading, overlapped = threading.Event(), []
+    masks_at, predict = evaluate_mod.masks_at, FrequencyFilter.predict
+
+    def watched_masks_at(samples, resolution):  # type: ignore[no-untyped-def]
+        reading.set()
+        return masks_at(samples, resolution)
+
+    def waiting_predict(self, test, ctx):  # type: ignore[no-untyped-def]
+        if any(s.label for s in test):  # a test set (held-out normals have no masks to read)
+            overlapped.append(reading.wait(timeout=10))
+            reading.clear()
+        return predict(self, test, ctx)
+
+    monkeypatch.setattr(evaluate_mod, "masks_at", watched_masks_at)
+    monkeypatch.setattr(FrequencyFilter, "predict", waiting_predict)
+    request = EvalRequest(dataset="synthetic", root=str(root), methods=("freqfilter",), resolution=32, device="cpu",
+                          n_resamples=0)
+    (run_id,) = evaluate(request, ResultStore(tmp_path / "runs"), progress=silent)
+    store = ResultStore(tmp_path / "runs")
+    assert store.get_run(run_id).status == "complete"
+    assert overlapped == [True, True]
+    assert list(store.load_metrics(run_id)["status"]) == ["ok", "ok"]
