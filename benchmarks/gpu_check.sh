@@ -11,13 +11,15 @@
 #      the bf16 scorer against fp32 on the CPU, a real CUDA OOM recognised and halved;
 #   3. bench_kernels.py on CUDA: low-rank vs dense frequency split (24 x 24 x 1024), and FSAM's
 #      7 x 7 window attention under the flash kernel alone (fails if it needed a mask);
-#   4. bench_end_to_end.py with ViT-L-14-336 (random, bf16), 2000 images, twice:
+#   4. bench_decode_workers.py: what starting 15 decode worker processes once a category costs,
+#      against starting them once (what evaluate() does);
+#   5. bench_end_to_end.py with ViT-L-14-336 (random, bf16), 2000 images, twice:
 #      a. MVTec-size PNGs (1024 px): decode-bound, the realistic sweep;
 #      b. backbone-size PNGs (336 px): decoding light, where the >= 1,000 images/s and
 #         ratio <= 1.2 targets are about the GPU path itself;
 #      each ends with its JSON line (images, images_per_s, backbone_images_per_s, ratio,
 #      peak_rss_mib, peak_device_mib);
-#   5. a 2-process torchrun smoke run on the one GPU (gloo, both ranks on cuda:0): evaluate
+#   6. a 2-process torchrun smoke run on the one GPU (gloo, both ranks on cuda:0): evaluate
 #      HarmoniAD on a small synthetic dataset with online features, then the same with rank 1
 #      failing on purpose, which must end the job non-zero within seconds.
 # Every step has its own time limit; a failed step is reported and the next one still runs.
@@ -103,7 +105,10 @@ PY
 step "kernels: low-rank split, FSAM under flash attention" 50 \
     python benchmarks/bench_kernels.py --device cuda --batch 64 --repeats 20
 
-step "end to end, ViT-L-14-336, 2000 MVTec-size (1024 px) files" 150 \
+step "decode workers: started once a category vs reused (15 workers, decode only)" 20 \
+    python benchmarks/bench_decode_workers.py --workers 15 --images 600 --image-size 512 --per-category 30 --repeats 1
+
+step "end to end, ViT-L-14-336, 2000 MVTec-size (1024 px) files" 130 \
     python benchmarks/bench_end_to_end.py --device cuda --model ViT-L-14-336 --images 2000 --image-size 1024 --repeats 1 --data "$WORK/e2e-1024"
 
 step "end to end, ViT-L-14-336, 2000 backbone-size (336 px) files" 100 \
