@@ -213,8 +213,8 @@ def evaluate(
     fit_train, held = hold_out_normals(train, request.threshold_holdout, request.seed)
     screen = Screen(decode=distributed.active())  # ranks must agree up front: no retries
     device = distributed.device(request.device)
-    # On CUDA the decode worker processes start once for the whole request, not once a
-    # category and split (harmoniad.data.loading.reuse_decode_workers).
+    # On CUDA the decode worker processes start once for the whole request, not for every
+    # category's test images and again for its held-out normals (data.loading.reuse_decode_workers).
     with reuse_decode_workers():
         if distributed.active():
             _prefetch_features(request, screen.keep(fit_train)[0], methods, device, report)
