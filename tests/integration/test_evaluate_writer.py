@@ -3,9 +3,6 @@ the same numbers) and decode worker processes started once for the whole request
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 
 import harmoniad.evaluate as evaluate_mod
@@ -16,6 +13,7 @@ from harmoniad.evaluate import EvalRequest, evaluate
 from harmoniad.methods.freqfilter import FrequencyFilter
 from harmoniad.runtime.progress import silent
 from harmoniad.store import ResultStore
+from tests.fixtures.decoding import decoder_pids, pid_image
 
 
 def test_parallel_writers_record_the_same_results_as_one(tmp_path, monkeypatch):
@@ -37,12 +35,6 @@ def test_parallel_writers_record_the_same_results_as_one(tmp_path, monkeypatch):
     assert sorted(i1["image_path"]) == sorted(i3["image_path"])
 
 
-def pid_pixel(path: Path) -> np.ndarray:
-    """A 1 x 1 'image' spelling the id of the process that decoded it."""
-    pid = os.getpid()
-    return np.array([[[(pid >> 16) & 255, (pid >> 8) & 255, pid & 255]]], dtype=np.uint8)
-
-
 def test_decode_worker_processes_start_once_for_the_whole_evaluation(tmp_path, monkeypatch):
     # On CUDA scoring decodes in worker processes; on this CPU a method that decodes the same
     # way stands in. Every predict call (each category's test images and held-out normals)
@@ -53,8 +45,8 @@ def test_decode_worker_processes_start_once_for_the_whole_evaluation(tmp_path, m
     predict = FrequencyFilter.predict
 
     def decoding_predict(self, test, ctx):  # type: ignore[no-untyped-def]
-        batches = decoded_batches([s.image_path for s in test], 4, workers=2, processes=True, reader=pid_pixel)
-        seen.append({tuple(px) for b in batches for px in b.numpy().reshape(-1, 3)})
+        seen.append(decoder_pids(decoded_batches([s.image_path for s in test], 4, workers=2, processes=True,
+                                                 reader=pid_image)))
         return predict(self, test, ctx)
 
     monkeypatch.setattr(FrequencyFilter, "predict", decoding_predict)

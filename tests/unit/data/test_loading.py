@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,15 +10,7 @@ import torch
 
 from harmoniad.data import DatasetError
 from harmoniad.data.loading import batch_len, decoded_batches, rebatch, reuse_decode_workers
-
-
-def pid_image(path: Path) -> np.ndarray:
-    """A 2 x 2 'image' whose pixels spell the decoding process' id (and the file's number)."""
-    pid = os.getpid()
-    img = np.zeros((2, 2, 3), dtype=np.uint8)
-    img[0, 0] = [(pid >> 16) & 255, (pid >> 8) & 255, pid & 255]
-    img[1, 1, 0] = int(Path(path).stem)
-    return img
+from tests.fixtures.decoding import decoder_pids, pid_image
 
 
 def test_one_batch_is_decoded_by_every_worker_in_order():
@@ -57,9 +48,8 @@ def test_rebatch_of_mixed_image_sizes_gives_lists_of_arrays():
 
 def _decode(paths: list[Path], **kw: object) -> tuple[list[int], set[tuple[int, ...]]]:
     """File numbers in the order decoded and the set of worker pids, of one decoded_batches call."""
-    batches = [b.numpy() for b in decoded_batches(paths, 4, workers=2, processes=True, reader=pid_image, **kw)]
-    images = np.concatenate(batches)
-    return images[:, 1, 1, 0].tolist(), {tuple(img[0, 0]) for img in images}
+    batches = list(decoded_batches(paths, 4, workers=2, processes=True, reader=pid_image, **kw))
+    return np.concatenate([b.numpy() for b in batches])[:, 1, 1, 0].tolist(), decoder_pids(batches)
 
 
 def _pid(spelled: tuple[int, ...]) -> int:
