@@ -208,6 +208,11 @@ def train(
         if upcoming is not None:
             upcoming.cancel()
         loader.shutdown(wait=True)
+        # A failed load leaves its exception in the future, and the exception's traceback holds
+        # this frame: dropping the future breaks that cycle, so the model, the optimizer and the
+        # DDP wrapper (which holds the process group) are freed with the exception, not at some
+        # later garbage collection (after the group is destroyed, or never).
+        upcoming = None
 
     result = {"steps": total, "final_loss": loss_value, "wall_s": round(time.monotonic() - t0, 3),
               "device": str(dev), "world_size": distributed.world_size()}

@@ -49,3 +49,50 @@ def test_next_batch_is_loaded_ahead_on_the_loader_thread_in_the_same_order(tmp_p
     assert [indices for indices, _, _ in steps] == expected
     # Step k's batch is requested before step k - 1 has finished (loaded ahead), never earlier.
     assert all(done <= max(0, k - 1) for k, (_, _, done) in enumerate(steps))
+
+
+class _Failing(TensorSource):
+    """Fails to load the batch of step ``at`` (1-based) on the loader thread."""
+
+    def __init__(self, feats, at: int) -> None:
+        super().__init__(feats)
+        self.at, self.steps = at, 0
+
+    def load(self, indices):
+        if threading.current_thread().name.startswith("harmoniad-train-loader"):
+            self.steps += 1
+            if self.steps == self.at:
+                raise OSError("simulated unreadable feature file")
+        return super().load(indices)
+
+
+def test_a_failed_load_frees_the_model_with_its_exception_not_at_a_later_collection(tmp_path, monkeypatch):
+    # A model (with its optimizer; device memory on a GPU) kept in a reference cycle lives until
+    # some later collection, or, with the collector off, for good.
+    import gc
+    import weakref
+
+    from harmoniad.train import loop
+
+    built: list[weakref.ref] = []
+    original = loop.build_model
+
+    def build_and_watch(*args):
+        model = original(*args)
+        built.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(loop, "build_model", build_and_watch)
+    feats = [torch.randn(10, 16, 6, 6, generator=torch.Generator().manual_seed(0)) for _ in range(2)]
+    gc.collect()
+    gc.disable()  # only reference counting may free it
+    try:
+        try:
+            train(_Failing(feats, at=3), None, MODEL, TrainConfig(max_steps=6, batch_size=4), tmp_path / "ckpt", device="cpu")
+        except OSError as exc:
+            assert "simulated unreadable" in str(exc)
+        else:
+            raise AssertionError("the failed load did not reach the caller")
+        assert len(built) == 1 and built[0]() is None, "the model outlived the failed training call"
+    finally:
+        gc.enable()
