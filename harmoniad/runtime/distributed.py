@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
+import importlib
 import logging
 import os
 import sys
@@ -82,6 +84,14 @@ def init(backend: str | None = None, *, timeout_s: float = 1800.0) -> bool:
                 f"(NCCL cannot put two ranks on one GPU), or set {BACKEND_ENV}=gloo to share the GPUs"
             )
         torch.cuda.set_device(lr % gpus)
+    # torch.distributed.nn's functions take ``group=group.WORLD`` as a default argument, bound
+    # when the module is first imported. Imported after the group exists (by open_clip, or by
+    # DDP), they would hold the group for good: destroy_process_group would then leave its gloo
+    # threads running into interpreter shutdown, where tearing them down can abort the process
+    # ("terminate called without an active exception", seen rarely in the 2-rank test).
+    # Imported first, the default is None.
+    importlib.import_module("torch.distributed.nn")
+
     kwargs: dict[str, Any] = {"backend": backend, "timeout": datetime.timedelta(seconds=timeout_s)}
     if backend == "nccl":
         kwargs["device_id"] = torch.device("cuda", local_rank())
@@ -91,8 +101,14 @@ def init(backend: str | None = None, *, timeout_s: float = 1800.0) -> bool:
 
 
 def cleanup() -> None:
-    """Leave the process group (if any), so the job exits cleanly."""
+    """Leave the process group (if any), so the job exits cleanly.
+
+    Unreachable objects are collected first: one left in a reference cycle that holds the
+    group (a DDP wrapper in a failed call's frame, say) would let the group outlive
+    ``destroy_process_group``, its gloo threads running on into interpreter shutdown.
+    """
     if is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
