@@ -10,7 +10,8 @@ docs/design.md#method. The input is the list of frozen encoder maps ``F_l``
    channel dominates a squared error or a cosine;
 2. **split** every ``X_l = X_low_l + X_high_l`` (``harmoniad.model.frequency``, low-pass below
    ``cutoff``);
-3. per branch, **project** each layer's band (Linear, C -> D), average over layers, and make
+3. per branch, **project** each layer's band (Linear, C -> D; with ``fsam_input="whole"`` FSAM
+   reads the whole ``X_l`` instead, its band with the low band as context), average over layers, and make
    the input **noisy** in training only (Dinomaly's noisy bottleneck): Gaussian feature noise
    of std ``feature_noise`` on the normalised band, whole tokens dropped with probability
    ``token_dropout``, then element dropout ``bottleneck_dropout``. A branch therefore has to
@@ -79,6 +80,7 @@ from harmoniad.model.gscm import GSCM, GscmQueries
 from harmoniad.model.layers import map_to_tokens, noisy_dropout, sincos_positions
 
 Branches = Literal["both", "high", "low"]
+FsamInput = Literal["high", "whole"]
 Distance = Literal["mse", "group_cos"]
 Fusion = Literal["reference", "joint", "mean", "max"]
 FusionWeights = Literal["fixed", "learned"]
@@ -121,6 +123,10 @@ class ModelConfig:
     # "positions": FSAM decodes each position from a learned position query that reads its window's
     # tokens with its own token left out (attention diagonal masked, edge convolution's centre tap zeroed).
     fsam_queries: FsamQueries = "positions"
+    # What FSAM reads: "high", the high band it rebuilds, or "whole", the whole normalised feature
+    # (the high band with its low band as context). Either way it rebuilds, and is scored on, the
+    # high band (docs/design.md#fsam-input).
+    fsam_input: FsamInput = "high"
     # GSCM, low branch (docs/design.md#gscm).
     gscm_depth: int = 2
     gscm_heads: int = 4
@@ -165,6 +171,8 @@ class ModelConfig:
                      "fusion_references", "fusion_pseudo_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.fsam_input not in ("high", "whole"):
+            raise ValueError(f"fsam_input must be 'high' or 'whole', got {self.fsam_input!r}")
         if self.fsam_queries not in ("tokens", "positions"):
             raise ValueError(f"fsam_queries must be 'tokens' or 'positions', got {self.fsam_queries!r}")
         if self.gscm_queries not in ("tokens", "positions"):
@@ -451,6 +459,8 @@ class HarmoniAD(nn.Module):
     def forward(self, feats: list[torch.Tensor], generator: torch.Generator | None = None) -> ModelOutput:
         """Reconstruct the high band with FSAM and the low band with GSCM.
 
+        GSCM reads the low band, FSAM the high band (or, ``fsam_input="whole"``, the whole feature).
+
         ``generator`` drives the training noise (for exactly resumable runs); None uses the
         global RNG.
         """
@@ -463,7 +473,8 @@ class HarmoniAD(nn.Module):
             target_low = target_high = target
         out = ModelOutput(grid=grid, target=target)
         if self.fsam_branch is not None:
-            out.recon_high = self.fsam_branch(target_high, grid, generator)
+            fsam_reads = target if self.cfg.fsam_input == "whole" else target_high
+            out.recon_high = self.fsam_branch(fsam_reads, grid, generator)
             out.target_high = target_high
         if self.gscm_branch is not None:
             out.recon_low = self.gscm_branch(target_low, grid, generator)

@@ -99,11 +99,13 @@ def test_normalisation_is_fitted_on_training_features() -> None:
         model.fit_normalisation([])
 
 
-@pytest.mark.parametrize("cutoff", [0.25, 0.5, 0.9])
-def test_fsam_gets_the_high_band_and_gscm_the_low_band(cutoff: float) -> None:
-    """What each branch receives, against bands computed independently (numpy FFT of the normalised features)."""
+@pytest.mark.parametrize("cutoff, fsam_input", [(0.25, "high"), (0.5, "high"), (0.9, "high"), (0.5, "whole")])
+def test_fsam_gets_the_high_band_and_gscm_the_low_band(cutoff: float, fsam_input: str) -> None:
+    """What each branch receives and rebuilds, against bands computed independently (numpy FFT of the
+    normalised features): GSCM reads the low band, FSAM the high band or (``fsam_input="whole"``) the
+    whole feature; the targets are the two bands either way."""
     feats = _feats(h=8, w=8)
-    model = _fitted(ModelConfig(**SMALL, cutoff=cutoff), feats).eval()
+    model = _fitted(ModelConfig(**SMALL, cutoff=cutoff, fsam_input=fsam_input), feats).eval()
     seen: dict[str, list[torch.Tensor]] = {}
     hooks = [
         model.fsam_branch.register_forward_pre_hook(lambda m, args: seen.__setitem__("fsam", args[0])),
@@ -116,7 +118,8 @@ def test_fsam_gets_the_high_band_and_gscm_the_low_band(cutoff: float) -> None:
     for layer, norm in enumerate(_normalised(feats)):
         low, high = _numpy_bands(norm, cutoff)
         as_tokens = lambda a: a.reshape(*a.shape[:2], -1).transpose(0, 2, 1)  # noqa: E731
-        np.testing.assert_allclose(seen["fsam"][layer].numpy(), as_tokens(high), atol=1e-4)
+        fsam_reads = high if fsam_input == "high" else norm
+        np.testing.assert_allclose(seen["fsam"][layer].numpy(), as_tokens(fsam_reads), atol=1e-4)
         np.testing.assert_allclose(seen["gscm"][layer].numpy(), as_tokens(low), atol=1e-4)
         np.testing.assert_allclose(out.target_high[layer].numpy(), as_tokens(high), atol=1e-4)
         np.testing.assert_allclose(out.target_low[layer].numpy(), as_tokens(low), atol=1e-4)
