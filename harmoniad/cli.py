@@ -77,6 +77,13 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fsam_input_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fsam-input", choices=["high", "whole"], default=None,
+                        help="HarmoniAD: what FSAM reads while it rebuilds the high band: the high band, or the "
+                             "whole feature (the low band as context) (default: ModelConfig's; "
+                             "docs/design.md#fsam-input)")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from harmoniad.runtime import distributed
     from harmoniad.data import load_dataset
@@ -90,6 +97,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     sizes = {} if args.hidden_dim is None else {"hidden_dim": args.hidden_dim}
     if args.cutoff is not None:
         sizes["cutoff"] = args.cutoff
+    if args.fsam_input is not None:
+        sizes["fsam_input"] = args.fsam_input
     model_cfg = ModelConfig(split=not args.no_split, branches=args.branches, fusion_weights=args.fusion_weights,
                             **sizes)
     train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
@@ -224,6 +233,16 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0 if n_scored else 1
 
 
+def _harmoniad_options(args: argparse.Namespace) -> dict[str, dict]:
+    """``--fsam-input`` as model options of every HarmoniAD method and ablation asked for."""
+    from harmoniad.methods import METHODS
+
+    if args.fsam_input is None:
+        return {}
+    return {name: {"model": {"fsam_input": args.fsam_input}} for name in args.methods
+            if METHODS[name].kind in ("harmoniad", "ablation")}
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from harmoniad.runtime import distributed
     from harmoniad.evaluate import EvalRequest, evaluate
@@ -246,6 +265,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         threshold_holdout=args.threshold_holdout,
         target_fpr=args.target_fpr,
         n_resamples=args.resamples,
+        options=_harmoniad_options(args),
     )
     if not distributed.is_main():  # under torchrun: compute a share, rank 0 writes and prints
         evaluate(request)
@@ -412,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cutoff", type=float, default=None,
                    help="low-pass radius as a fraction of Nyquist (default: ModelConfig's)")
     p.add_argument("--hidden-dim", type=int, default=None, help="width of the heads (default: ModelConfig's)")
+    _fsam_input_arg(p)
     p.add_argument("--checkpoint-every", type=int, default=200,
                    help="save the training state every N steps; a killed run resumes from it (default: %(default)s)")
     p.set_defaults(func=cmd_train)
@@ -446,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="false-positive rate the quantile threshold aims at (default: %(default)s)")
     p.add_argument("--resamples", type=int, default=1000,
                    help="bootstrap resamples for the 95%% intervals; 0 for none (default: %(default)s)")
+    _fsam_input_arg(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("runs", help="list, show, export or delete stored runs")

@@ -20,6 +20,7 @@ from harmoniad.cli import main
 from harmoniad.data import make_synthetic
 from harmoniad.store import ResultStore
 from harmoniad.thresholds import save_checkpoint_thresholds
+from harmoniad.train import read_checkpoint_info
 
 TINY = ["--model", "harmoniad-tiny", "--weights", "random", "--image-size", "128", "--device", "cpu"]
 
@@ -173,7 +174,9 @@ def test_score_skips_bad_files_and_applies_the_stored_threshold(synthetic: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     ckpt = tmp_path / "ckpt"
     assert main(["train", "--dataset", "synthetic", "--root", str(synthetic), "--categories", "grain",
-                 "--epochs", "1", "--batch-size", "4", "--hidden-dim", "16", "--out", str(ckpt), *TINY]) == 0
+                 "--epochs", "1", "--batch-size", "4", "--hidden-dim", "16", "--fsam-input", "whole",
+                 "--out", str(ckpt), *TINY]) == 0
+    assert read_checkpoint_info(ckpt).model.fsam_input == "whole"
     images = tmp_path / "incoming"
     shutil.copytree(synthetic / "grain" / "test" / "good", images)
     (images / "zero.png").write_bytes(b"")
