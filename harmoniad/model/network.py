@@ -26,9 +26,12 @@ docs/design.md#method. The input is the list of frozen encoder maps ``F_l``
    "positions"``, the default; docs/design.md#fsam), so by default neither input gets the
    noise of step 3: it is for ``fsam_queries="tokens"``, where FSAM reads its own token.
 
-Losses (docs/design.md#losses), each branch against its own band, weights in the config::
+Losses (docs/design.md#losses), each branch against its own band and, with
+``joint_loss_weight`` > 0 (0 by default), the two outputs together against the whole feature
+(what the joint map scores), weights in the config::
 
     L = w_high * mean_l D(R_high_l, X_high_l) + w_low * mean_l D(R_low_l, X_low_l)
+        + w_joint * mean_l D(R_high_l + R_low_l, X_high_l + X_low_l)
 
 with ``D`` the per-position distance ``distance`` (:func:`position_distance`): ``"mse"``,
 the mean over channels of the squared error of normalised features (every channel has unit
@@ -146,6 +149,9 @@ class ModelConfig:
     hard_mining_fraction: float = 0.25
     high_loss_weight: float = 1.0
     low_loss_weight: float = 1.0
+    # The two outputs summed against the two bands summed (the whole feature; with the split off,
+    # twice it): trains what the joint map scores. Off by default (docs/design.md#joint-loss).
+    joint_loss_weight: float = 0.0
     fusion: Fusion = "reference"
     fusion_quantile: float = 0.99
     fusion_high_weight: float = 0.45
@@ -204,8 +210,8 @@ class ModelConfig:
             raise ValueError(f"hard_mining_fraction must be in (0, 1], got {self.hard_mining_fraction}")
         if self.cutoff < 0 or self.soft_edge < 0 or self.mlp_ratio <= 0:
             raise ValueError("cutoff and soft_edge must be >= 0 and mlp_ratio > 0")
-        if self.high_loss_weight < 0 or self.low_loss_weight < 0:
-            raise ValueError("branch loss weights must be >= 0")
+        if self.high_loss_weight < 0 or self.low_loss_weight < 0 or self.joint_loss_weight < 0:
+            raise ValueError("loss weights must be >= 0")
         if self.learnable_cutoff and (not self.split or self.soft_edge <= 0):
             raise ValueError("learnable_cutoff needs split=True and soft_edge > 0")
 
@@ -264,6 +270,7 @@ class Losses:
     total: torch.Tensor
     high: float | None
     low: float | None
+    joint: float | None = None
 
 
 def position_distance(recon: torch.Tensor, target: torch.Tensor, kind: Distance = "mse", groups: int = 4,
@@ -484,7 +491,12 @@ class HarmoniAD(nn.Module):
     # -- loss and maps ---------------------------------------------------------------------
 
     def loss(self, out: ModelOutput) -> Losses:
-        """``w_high * L_high + w_low * L_low``, each branch against its own band (see the module docstring)."""
+        """``w_high * L_high + w_low * L_low + w_joint * L_joint`` (see the module docstring).
+
+        Each branch against its own band, and (both branches present) their sum against the
+        sum of the bands: the joint map compares that sum with the whole feature, so it is
+        trained for what it shows rather than left a by-product of the two band fits.
+        """
         cfg = self.cfg
         total = out.target[0].new_zeros((), dtype=torch.float32)
         parts: dict[str, float | None] = {"high": None, "low": None}
@@ -495,7 +507,14 @@ class HarmoniAD(nn.Module):
             term = band_loss(recon, target, cfg.distance, cfg.cos_groups, cfg.hard_mining_fraction)
             total = total + weight * term
             parts[band] = float(term.detach())
-        return Losses(total=total, high=parts["high"], low=parts["low"])
+        joint = None
+        if out.recon_high is not None and out.recon_low is not None and cfg.joint_loss_weight > 0:
+            sums = [rh.float() + rl.float() for rh, rl in zip(out.recon_high, out.recon_low)]
+            whole = [th + tl for th, tl in zip(out.target_high, out.target_low)]
+            term = band_loss(sums, whole, cfg.distance, cfg.cos_groups, cfg.hard_mining_fraction)
+            total = total + cfg.joint_loss_weight * term
+            joint = float(term.detach())
+        return Losses(total=total, high=parts["high"], low=parts["low"], joint=joint)
 
     def branch_maps(self, out: ModelOutput) -> dict[str, torch.Tensor]:
         """The raw ``(B, h, w)`` maps: ``high``/``low`` for the branches present, ``joint`` when both are.

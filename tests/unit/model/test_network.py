@@ -155,28 +155,40 @@ def test_branch_maps_are_the_distance_of_each_branch_to_its_band() -> None:
         np.testing.assert_allclose(getattr(maps, band).numpy(), ref, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("w_high, w_low", [(1.0, 1.0), (0.3, 2.0), (1.0, 0.0), (0.0, 1.0)])
-def test_loss_is_the_weighted_sum_of_the_two_band_terms(w_high: float, w_low: float) -> None:
-    """Each term is its branch against its band; a branch whose term has weight 0 gets no gradient."""
+@pytest.mark.parametrize("w_high, w_low, w_joint",
+                         [(1.0, 1.0, 0.0), (0.3, 2.0, 0.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.3, 2.0, 0.5),
+                          (0.0, 0.0, 1.0)])
+def test_loss_is_the_weighted_sum_of_the_band_terms_and_the_joint_term(w_high: float, w_low: float,
+                                                                      w_joint: float) -> None:
+    """Each band term is its branch against its band, the joint term their sum against the
+    whole feature; a branch gets a gradient exactly when a term it enters has weight > 0."""
     feats = _feats()
     # Every position (hard-point mining has its own test), so each term is the plain mean written out below.
-    model = _fitted(ModelConfig(**SMALL, high_loss_weight=w_high, low_loss_weight=w_low, hard_mining_fraction=1.0),
-                    feats).train()
+    cfg = ModelConfig(**SMALL, high_loss_weight=w_high, low_loss_weight=w_low, joint_loss_weight=w_joint,
+                      hard_mining_fraction=1.0)
+    model = _fitted(cfg, feats).train()
     out = model(feats, generator=torch.Generator().manual_seed(0))
     losses = model.loss(out)
 
-    def term(band: str) -> float:
-        pairs = zip(getattr(out, f"recon_{band}"), getattr(out, f"target_{band}"))
-        return float(np.mean([((r.detach().double() - t.double()) ** 2).mean().item() for r, t in pairs]))
+    def mse(recons: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
+        return float(np.mean([((r.detach().double() - t.double()) ** 2).mean().item() for r, t in zip(recons, targets)]))
 
-    assert losses.high == pytest.approx(term("high"), rel=1e-4)
-    assert losses.low == pytest.approx(term("low"), rel=1e-4)
-    assert float(losses.total.detach()) == pytest.approx(w_high * term("high") + w_low * term("low"), rel=1e-4)
+    high = mse(out.recon_high, out.target_high)
+    low = mse(out.recon_low, out.target_low)
+    # Against the normalised feature itself, not the two bands added back: the split's halves sum to it.
+    joint = mse([rh.detach().double() + rl.detach().double() for rh, rl in zip(out.recon_high, out.recon_low)],
+                out.target)
+    assert losses.high == pytest.approx(high, rel=1e-4)
+    assert losses.low == pytest.approx(low, rel=1e-4)
+    assert (losses.joint is None) == (w_joint == 0)
+    if w_joint:
+        assert losses.joint == pytest.approx(joint, rel=1e-4)
+    assert float(losses.total.detach()) == pytest.approx(w_high * high + w_low * low + w_joint * joint, rel=1e-4)
     losses.total.backward()
     for branch, weight in (("fsam", w_high), ("gscm", w_low)):
         grads = [p.grad for p in getattr(model, branch).parameters()]
         moved = any(g is not None and bool(g.abs().sum() > 0) for g in grads)
-        assert moved == (weight > 0), branch
+        assert moved == (weight > 0 or w_joint > 0), branch
 
 
 def test_training_noise_drops_whole_tokens_and_adds_feature_noise() -> None:
