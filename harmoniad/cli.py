@@ -77,11 +77,21 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fsam_input_arg(parser: argparse.ArgumentParser) -> None:
+def _model_choice_args(parser: argparse.ArgumentParser) -> None:
+    """The HarmoniAD design choices left open for real weights (docs/design.md#fsam-input, #joint-loss)."""
     parser.add_argument("--fsam-input", choices=["high", "whole"], default=None,
                         help="HarmoniAD: what FSAM reads while it rebuilds the high band: the high band, or the "
                              "whole feature (the low band as context) (default: ModelConfig's; "
                              "docs/design.md#fsam-input)")
+    parser.add_argument("--joint-loss-weight", type=float, default=None, metavar="W",
+                        help="HarmoniAD: weight of the loss term for the two branches' outputs summed against the "
+                             "whole feature (default: ModelConfig's, 0; docs/design.md#joint-loss)")
+
+
+def _model_choices(args: argparse.Namespace) -> dict[str, object]:
+    """The ``ModelConfig`` fields given by :func:`_model_choice_args`' flags."""
+    given = {"fsam_input": args.fsam_input, "joint_loss_weight": args.joint_loss_weight}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -97,8 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     sizes = {} if args.hidden_dim is None else {"hidden_dim": args.hidden_dim}
     if args.cutoff is not None:
         sizes["cutoff"] = args.cutoff
-    if args.fsam_input is not None:
-        sizes["fsam_input"] = args.fsam_input
+    sizes.update(_model_choices(args))
     model_cfg = ModelConfig(split=not args.no_split, branches=args.branches, fusion_weights=args.fusion_weights,
                             **sizes)
     train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
@@ -234,13 +243,14 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def _harmoniad_options(args: argparse.Namespace) -> dict[str, dict]:
-    """``--fsam-input`` as model options of every HarmoniAD method and ablation asked for."""
+    """``--fsam-input`` and ``--joint-loss-weight`` as model options of every HarmoniAD method and
+    ablation asked for."""
     from harmoniad.methods import METHODS
 
-    if args.fsam_input is None:
+    choices = _model_choices(args)
+    if not choices:
         return {}
-    return {name: {"model": {"fsam_input": args.fsam_input}} for name in args.methods
-            if METHODS[name].kind in ("harmoniad", "ablation")}
+    return {name: {"model": dict(choices)} for name in args.methods if METHODS[name].kind in ("harmoniad", "ablation")}
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -432,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cutoff", type=float, default=None,
                    help="low-pass radius as a fraction of Nyquist (default: ModelConfig's)")
     p.add_argument("--hidden-dim", type=int, default=None, help="width of the heads (default: ModelConfig's)")
-    _fsam_input_arg(p)
+    _model_choice_args(p)
     p.add_argument("--checkpoint-every", type=int, default=200,
                    help="save the training state every N steps; a killed run resumes from it (default: %(default)s)")
     p.set_defaults(func=cmd_train)
@@ -467,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="false-positive rate the quantile threshold aims at (default: %(default)s)")
     p.add_argument("--resamples", type=int, default=1000,
                    help="bootstrap resamples for the 95%% intervals; 0 for none (default: %(default)s)")
-    _fsam_input_arg(p)
+    _model_choice_args(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("runs", help="list, show, export or delete stored runs")

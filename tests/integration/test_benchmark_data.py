@@ -175,8 +175,10 @@ def test_score_skips_bad_files_and_applies_the_stored_threshold(synthetic: Path,
     ckpt = tmp_path / "ckpt"
     assert main(["train", "--dataset", "synthetic", "--root", str(synthetic), "--categories", "grain",
                  "--epochs", "1", "--batch-size", "4", "--hidden-dim", "16", "--fsam-input", "whole",
+                 "--joint-loss-weight", "0.5",
                  "--out", str(ckpt), *TINY]) == 0
-    assert read_checkpoint_info(ckpt).model.fsam_input == "whole"
+    info = read_checkpoint_info(ckpt).model
+    assert info.fsam_input == "whole" and info.joint_loss_weight == 0.5
     images = tmp_path / "incoming"
     shutil.copytree(synthetic / "grain" / "test" / "good", images)
     (images / "zero.png").write_bytes(b"")

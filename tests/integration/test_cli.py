@@ -82,7 +82,7 @@ def test_evaluate_and_manage_runs(dataset: Path, tmp_path: Path, capsys: pytest.
     assert "no runs" in capsys.readouterr().out
 
 
-def test_fsam_input_reaches_harmoniad_and_its_ablations_not_the_baselines(
+def test_model_choices_reach_harmoniad_and_its_ablations_not_the_baselines(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import harmoniad.evaluate
     from harmoniad.methods import build_method
@@ -91,10 +91,11 @@ def test_fsam_input_reaches_harmoniad_and_its_ablations_not_the_baselines(
     monkeypatch.setattr(harmoniad.evaluate, "evaluate", lambda request, *a, **k: requests.append(request) or [])
     evaluate = ["evaluate", "--dataset", "synthetic", "--root", str(tmp_path), "--store", str(tmp_path / "runs"),
                 "--methods", "harmoniad", "harmoniad_high", "patchcore"]
-    assert main([*evaluate, "--fsam-input", "whole"]) == 0 and main(evaluate) == 0
+    assert main([*evaluate, "--fsam-input", "whole", "--joint-loss-weight", "0.5"]) == 0 and main(evaluate) == 0
     with_flag, without = requests
     assert set(with_flag.options) == {"harmoniad", "harmoniad_high"} and without.options == {}
-    assert build_method("harmoniad_high", with_flag.options["harmoniad_high"]).model_cfg.fsam_input == "whole"
+    cfg = build_method("harmoniad_high", with_flag.options["harmoniad_high"]).model_cfg
+    assert cfg.fsam_input == "whole" and cfg.joint_loss_weight == 0.5
 
 
 def test_bad_root_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
