@@ -211,7 +211,8 @@ class ModelConfig:
         if self.cutoff < 0 or self.soft_edge < 0 or self.mlp_ratio <= 0:
             raise ValueError("cutoff and soft_edge must be >= 0 and mlp_ratio > 0")
         if self.high_loss_weight < 0 or self.low_loss_weight < 0 or self.joint_loss_weight < 0:
-            raise ValueError("loss weights must be >= 0")
+            raise ValueError(f"loss weights must be >= 0, got high {self.high_loss_weight}, low {self.low_loss_weight}, "
+                             f"joint {self.joint_loss_weight}")
         if self.learnable_cutoff and (not self.split or self.soft_edge <= 0):
             raise ValueError("learnable_cutoff needs split=True and soft_edge > 0")
 

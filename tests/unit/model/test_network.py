@@ -417,7 +417,8 @@ def test_config_round_trip_and_validation() -> None:
     for bad, match in [({"distance": "l1"}, "distance"), ({"fusion": "sum"}, "fusion"),
                        ({"token_dropout": 1.0}, "token_dropout"), ({"feature_noise": -0.1}, "feature_noise"),
                        ({"fusion_quantile": 1.0}, "fusion_quantile"), ({"fusion_high_weight": 1.5}, "fusion_high_weight"),
-                       ({"learnable_cutoff": True}, "learnable_cutoff"), ({"hard_mining_fraction": 0.0}, "hard_mining")]:
+                       ({"learnable_cutoff": True}, "learnable_cutoff"), ({"hard_mining_fraction": 0.0}, "hard_mining"),
+                       ({"joint_loss_weight": -1.0}, "joint -1.0")]:
         with pytest.raises(ValueError, match=match):
             ModelConfig(**bad)  # type: ignore[arg-type]
 
